@@ -1,0 +1,192 @@
+"""The programmatic API: one `Converter` per (spec, HF config, architecture, format).
+
+    conv = Converter.from_pretrained("path/to/hf_checkpoint")   # spec picked from config.json
+    conv.check()                                                # coverage proof against both manifests
+    chunks = conv.build_model()                                 # this rank's megatron-core model chunk(s)
+    conv.import_weights(chunks, "path/to/hf_checkpoint")
+    conv.export_weights(chunks, "out/hf")                       # safetensors + config.json, atomically
+
+Parallel state must be initialised first (`specbridge.runtime.parallel.init_parallel`, a single-process world
+when not under torchrun).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from . import compiler
+from .compiler import ir
+from .dsl.diagnostics import SpecError
+from .runtime import engine, manifests
+from .runtime.build import build_chunks
+from .runtime.ops import ConversionError
+from .runtime.safetensors_io import AtomicDirectory, CheckpointReader, CheckpointWriter, finalize
+
+SPEC_DIR = Path(str(resources.files("specbridge.specs")))
+
+
+def builtin_specs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SPEC_DIR.glob("*.yaml"))}
+
+
+def spec_for_architecture(architecture: str) -> Path:
+    for path in builtin_specs().values():
+        spec = compiler.load(path)
+        if any(a.name == architecture for a in spec.architectures):
+            return path
+    raise ValueError(f"no built-in spec serves architecture '{architecture}' "
+                     f"(built-in specs: {', '.join(builtin_specs())}); pass --spec")
+
+
+def resolve_spec_path(spec: str | Path | None, architecture: str | None) -> Path:
+    if spec is None:
+        if architecture is None:
+            raise ValueError("config.json names no architecture; pass --spec")
+        return spec_for_architecture(architecture)
+    builtin = builtin_specs()
+    return builtin[str(spec)] if str(spec) in builtin else Path(spec)
+
+
+def load_hf_config(source):
+    """An HF config from a checkpoint directory, a config.json path, or a config object."""
+    if not isinstance(source, (str, Path)):
+        return source
+    from transformers import AutoConfig
+
+    path = Path(source)
+    return AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+
+
+@dataclasses.dataclass
+class Converter:
+    spec_path: Path
+    hf_config: object
+    plan: ir.Plan
+
+    @classmethod
+    def from_config(cls, hf_config, spec=None, architecture: str | None = None, fmt: str | None = None):
+        hf_config = load_hf_config(hf_config)
+        architecture = architecture or next(iter(getattr(hf_config, "architectures", None) or []), None)
+        path = resolve_spec_path(spec, architecture)
+        plan = compiler.compile_plan(compiler.load(path), hf_config, architecture, fmt)
+        return cls(path, hf_config, plan)
+
+    @classmethod
+    def from_pretrained(cls, hf_dir, spec=None, architecture: str | None = None, fmt: str | None = None):
+        """For an HF checkpoint directory; the on-disk format is detected from the keys when not given."""
+        hf_config = load_hf_config(hf_dir)
+        conv = cls.from_config(hf_config, spec, architecture, fmt)
+        if fmt is None:
+            conv = conv.with_format(detect_format(conv, CheckpointReader(hf_dir).keys()))
+        return conv
+
+    def with_format(self, fmt: str) -> "Converter":
+        if fmt == self.plan.format:
+            return self
+        return Converter.from_config(self.hf_config, self.spec_path, self.plan.architecture, fmt)
+
+    @property
+    def spec(self):
+        return compiler.load(self.spec_path)
+
+    @property
+    def text_config(self):
+        from .compiler.resolve import select_architecture, text_config
+
+        return text_config(self.hf_config, select_architecture(self.spec, self.hf_config, self.plan.architecture))
+
+    # ------------------------------------------------------------ proofs
+    def manifests(self, chunks=None) -> tuple[ir.Manifest, ir.Manifest]:
+        hf = manifests.hf_manifest(self.plan.architecture, self.hf_config, self.plan.format, self.spec.formats)
+        chunks = chunks if chunks is not None else self.build_model()
+        return hf, manifests.mcore_manifest(chunks, self.plan.model)
+
+    def check(self, chunks=None) -> ir.Plan:
+        """Prove coverage, uniqueness and shapes against both manifests (a `SpecError` otherwise)."""
+        spec = self.spec
+        return compiler.check(self.plan, *self.manifests(chunks), sources={spec.file: spec.source})
+
+    # ------------------------------------------------------------ models and weights
+    def build_model(self, params_dtype=None) -> list:
+        return build_chunks(self.plan, self.text_config, params_dtype)
+
+    def import_weights(self, chunks, hf_dir, ranks: engine.Ranks | None = None, progress=None) -> CheckpointReader:
+        reader = CheckpointReader(hf_dir)
+        engine.import_weights(chunks, self.plan, reader, ranks or _ranks(), progress=progress)
+        return reader
+
+    def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
+                       max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress=None) -> Path:
+        """Write an HF checkpoint (safetensors + config.json) atomically; single-process export."""
+        dtype = dtype or _config_dtype(self.hf_config)
+        with AtomicDirectory(out_dir, overwrite) as staging:
+            writer = CheckpointWriter(staging, max_shard_bytes)
+            engine.export_weights(chunks, self.plan, writer.add, _ranks(), hf_dtype=dtype,
+                                  check_absent=check_absent, progress=progress)
+            finalize(staging, writer.finish(), writer.total_bytes)
+            write_hf_config(self, chunks, staging, dtype)
+        return Path(out_dir)
+
+
+def _ranks() -> engine.Ranks:
+    from .runtime.parallel import current_topology
+
+    return engine.Ranks.from_topology(current_topology())
+
+
+def _config_dtype(hf_config) -> torch.dtype | None:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        return getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def detect_format(conv: Converter, keys: set[str]) -> str:
+    """The spec format whose HF keys are exactly the checkpoint's (sentinel keys optional)."""
+    formats = conv.spec.formats
+    if len(formats) == 1:
+        return formats[0]
+    for fmt in formats:
+        plan = conv.with_format(fmt).plan
+        if plan.hf_keys() <= keys:
+            return fmt
+    raise ConversionError(f"the checkpoint's keys match none of the formats {list(formats)} of spec "
+                          f"'{conv.plan.spec}'")
+
+
+def hf_config_from_mcore(conv: Converter, transformer_config) -> dict:
+    """The HF config dict for export: the source config with every invertible field written back from the
+    Megatron model's own config (the config mapping run backwards)."""
+    full = conv.hf_config.to_dict()
+    arch = next(a for a in conv.spec.architectures if a.name == conv.plan.architecture)
+    target = full[arch.config] if arch.config and isinstance(full.get(arch.config), dict) else full
+    for entry in conv.plan.config:
+        if entry.hf_path is None or entry.section != "transformer":
+            continue
+        value = getattr(transformer_config, entry.field, entry.value)
+        if isinstance(entry.value, (bool, int, float, str)) and not callable(value):
+            _set_path(target, entry.hf_path, value)
+    full["architectures"] = [conv.plan.architecture]
+    return full
+
+
+def _set_path(target: dict, path: str, value) -> None:
+    *heads, last = path.split(".")
+    for head in heads:
+        target = target.setdefault(head, {})
+    target[last] = value
+
+
+def write_hf_config(conv: Converter, chunks, directory: Path, dtype) -> None:
+    config = hf_config_from_mcore(conv, chunks[0].config)
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = ["Converter", "SpecError", "ConversionError", "builtin_specs", "detect_format"]

@@ -1,0 +1,198 @@
+"""The IR: what a compiled spec means for one HF config, as frozen data.
+
+A `Mapping` ties one Megatron tensor to the HF tensors it is made of, with the layout that fuses them, the axis
+tensor parallelism splits, the absent parts and the numeric ops. Its `hf_to_mcore` program is what the spec wrote;
+its `mcore_to_hf` program is derived by the invert pass. `Sentinel`s name keys that exist on one side only.
+A `Plan` is the checked, ordered result the runtime executes; it never refers back to the parser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..dsl.diagnostics import Span
+
+HF, MCORE = "hf", "mcore"
+HF_TO_MCORE, MCORE_TO_HF = "hf_to_mcore", "mcore_to_hf"
+BRACKET = "[]"  # the factor name of the parts bracket inside a layout dim
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One HF tensor feeding part `part`; `index` selects one slice of a stacked `[N, ...]` tensor."""
+
+    part: str
+    key: str
+    index: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Factored dims of the Megatron tensor. `dims[k]` lists factor names, outermost first; `BRACKET` marks
+    the parts. `sizes` holds the axis sizes known from the spec (others are inferred from tensors, one per dim)."""
+
+    dims: tuple[tuple[str, ...], ...]
+    sizes: tuple[tuple[str, int], ...]
+    parts: tuple[tuple[str, int], ...]  # (part, its extent along the bracket factor)
+    text: str = ""
+
+    def size(self, axis: str) -> int | None:
+        return dict(self.sizes).get(axis)
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """How tensor parallelism splits the Megatron tensor: along layout `axis` (found in dim `dim`), or not at all.
+    `vocab`: dim 0, padded to the model's padded vocabulary."""
+
+    kind: str  # "replicated" | "axis" | "vocab"
+    axis: str | None = None
+    dim: int | None = None
+
+
+# ---------------------------------------------------------------- ops (a program is a tuple of these)
+
+
+@dataclass(frozen=True, slots=True)
+class Fuse:
+    """parts -> one tensor, by the layout. Inverse: Split."""
+
+    layout: Layout
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    layout: Layout
+
+
+@dataclass(frozen=True, slots=True)
+class FillAbsent:
+    """Import: part `part` does not exist on the HF side; fill it by `policy` ("copy_of" a sibling, or "zeros")."""
+
+    part: str
+    policy: str
+    source_part: str | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class CheckAbsent:
+    """Export: assert `part` still follows its policy, then discard it (the HF side has no such tensor)."""
+
+    part: str
+    policy: str
+    source_part: str | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class AddConst:
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class Cast:
+    dtype: str  # "float32", "bfloat16", ... ; "source" means: back to the dtype read from the HF file
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleBy:
+    """Multiply (or divide, when `invert`) by another tensor of the same side, named by its key on that side."""
+
+    key: str
+    invert: bool = False
+
+
+Op = Fuse | Split | FillAbsent | CheckAbsent | AddConst | Cast | ScaleBy
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    rule: int
+    span: Span
+    mcore: str
+    sources: tuple[Source, ...]
+    shard: Shard
+    hf_to_mcore: tuple[Op, ...]
+    mcore_to_hf: tuple[Op, ...] = ()
+    layer: int | None = None
+    expert: int | None = None
+    exact: bool = True  # False when an op is exact only up to rounding (add of a constant, scale by a tensor)
+
+    @property
+    def layout(self) -> Layout | None:
+        return next((op.layout for op in self.hf_to_mcore if isinstance(op, Fuse)), None)
+
+    @property
+    def absent_parts(self) -> tuple[str, ...]:
+        return tuple(op.part for op in self.hf_to_mcore if isinstance(op, FillAbsent))
+
+
+@dataclass(frozen=True, slots=True)
+class Sentinel:
+    """A key that exists on one side only, and why: tied, derived or ignored."""
+
+    side: str
+    key: str
+    kind: str  # "tied" | "derived" | "ignored"
+    reason: str
+    rule: int
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigEntry:
+    """One Megatron config field computed from the HF config; `hf_path` is set when it can be written back."""
+
+    section: str  # "transformer" | "model_args"
+    field: str
+    value: object
+    hf_path: str | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A spec compiled for one HF config, architecture and on-disk format: checked and ordered."""
+
+    spec: str
+    spec_file: str
+    digest: str
+    architecture: str
+    prefix: str
+    format: str
+    model: str
+    config: tuple[ConfigEntry, ...]
+    mappings: tuple[Mapping, ...]
+    sentinels: tuple[Sentinel, ...]
+    num_layers: int
+    num_experts: int
+    stacks: tuple[tuple[str, int], ...] = field(default=())  # stacked HF keys and their lengths
+
+    def transformer_kwargs(self) -> dict:
+        return {e.field: e.value for e in self.config if e.section == "transformer"}
+
+    def model_kwargs(self) -> dict:
+        return {e.field: e.value for e in self.config if e.section == "model_args"}
+
+    def by_mcore(self) -> dict[str, Mapping]:
+        return {m.mcore: m for m in self.mappings}
+
+    def hf_keys(self) -> set[str]:
+        return {s.key for m in self.mappings for s in m.sources if s.part not in m.absent_parts}
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Every tensor one side has for one config: (key, shape, dtype), from the real model class."""
+
+    side: str
+    origin: str  # what was instantiated, e.g. "transformers LlamaForCausalLM (meta device)"
+    tensors: tuple[tuple[str, tuple[int, ...], str], ...]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: s for k, s, _ in self.tensors}

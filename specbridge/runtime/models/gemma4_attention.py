@@ -1,0 +1,132 @@
+"""Gemma 4 attention parts on megatron-core: RMSNorm, dual RoPE, and the K=V-aware self-attention.
+
+Contract:
+- `Gemma4RMSNorm` computes HF's `Gemma4RMSNorm` exactly: `x * (mean(x^2) + eps) ** -0.5 * w` in fp32,
+  cast back (no `1 + w`); `with_weight=False` gives the weightless norm (v_norm, router norm).
+- `Gemma4RotaryEmbedding(position_ids)` answers `{layer_type: freqs [s, b, 1, d]}` in megatron's
+  non-interleaved layout (`cat(f, f)`), one entry per layer type, from HF's inverse frequencies:
+  "default" for sliding layers, "proportional" for full layers (rotated dims `[0:ra]` and
+  `[d/2 : d/2+ra]`; the rest get frequency 0, i.e. cos 1 / sin 0, exactly the identity).
+- `Gemma4SelfAttention` is megatron's `SelfAttention` (fused per-group QKV `[q heads | k | v]`,
+  ColumnParallel/RowParallel projections, DotProductAttention) plus: it picks its RoPE entry by
+  layer type, applies a weightless `v_layernorm` to V, and on K=V layers (`attention_k_eq_v` and
+  full attention) takes V from the raw K projection (before `k_layernorm`), so the V rows of
+  `linear_qkv` are never read there (import fills them with a copy of K; they receive no gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron.core.parallel_state import get_tensor_model_parallel_rank
+from megatron.core.transformer.attention import SelfAttention
+
+from specbridge.runtime.models.gemma4_config import FULL, Gemma4TransformerConfig
+
+
+def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
+    """HF Gemma 4 RMSNorm: fp32 `x * (mean(x^2) + eps) ** -0.5` (times `weight`), cast back to x's dtype."""
+    x32 = x.float()
+    normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        normed = normed * weight.float()
+    return normed.type_as(x)
+
+
+class Gemma4RMSNorm(torch.nn.Module):
+    """RMSNorm over the last dim with an optional weight initialised to ones (megatron norm signature)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, with_weight: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        if with_weight:
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+            setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        else:
+            self.weight = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.eps, self.weight)
+
+
+def rope_inv_freq(params: dict, head_dim: int) -> Tensor:
+    """HF's inverse frequencies ([head_dim / 2], fp32) for one layer type's rope parameters."""
+    base = params["rope_theta"]
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if rope_type != "proportional":
+        raise NotImplementedError(f"Gemma 4 RoPE type {rope_type!r} is not supported")
+    rope_angles = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    exponents = torch.arange(0, 2 * rope_angles, 2, dtype=torch.int64).float() / head_dim
+    rotated = 1.0 / (base**exponents)
+    unrotated = torch.zeros(head_dim // 2 - rope_angles, dtype=torch.float32)
+    return torch.cat((rotated, unrotated)) / params.get("factor", 1.0)
+
+
+class Gemma4RotaryEmbedding(torch.nn.Module):
+    """Per-layer-type RoPE frequencies; inverse frequencies stay fp32 plain attributes (not state)."""
+
+    def __init__(self, config: Gemma4TransformerConfig) -> None:
+        super().__init__()
+        self.inv_freq = {
+            layer_type: rope_inv_freq(config.rope_parameters[layer_type], config.head_dim(layer_type))
+            for layer_type in sorted(set(config.layer_types))
+        }
+
+    def forward(self, position_ids: Tensor) -> dict[str, Tensor]:
+        """`position_ids` [b, s] -> {layer_type: freqs [s, b, 1, head_dim]} (fp32)."""
+        positions = position_ids.float()[..., None]
+        out = {}
+        for layer_type, inv_freq in self.inv_freq.items():
+            freqs = positions * inv_freq.to(position_ids.device)
+            out[layer_type] = torch.cat((freqs, freqs), dim=-1).transpose(0, 1).unsqueeze(2)
+        return out
+
+
+class Gemma4SelfAttention(SelfAttention):
+    """megatron SelfAttention with Gemma 4's per-type RoPE, weightless v-norm and K=V on full layers.
+
+    Built with the layer's own config (`Gemma4TransformerConfig.for_layer`), so `kv_channels` and
+    `num_query_groups` already are this layer's head dim and KV heads; `layer_number` is global, 1-based.
+    """
+
+    def __init__(self, config: Gemma4TransformerConfig, submodules, layer_number: int, **kwargs) -> None:
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
+        self.layer_type = config.layer_types[layer_number - 1]
+        self.k_eq_v = config.attention_k_eq_v and self.layer_type == FULL
+        self.v_layernorm = Gemma4RMSNorm(
+            config, self.hidden_size_per_attention_head, config.layernorm_epsilon, with_weight=False
+        )
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, *args, rotary_pos_emb=None, **kwargs):
+        """As `SelfAttention.forward`; `rotary_pos_emb` may be the per-layer-type dict of the model."""
+        if isinstance(rotary_pos_emb, dict):
+            rotary_pos_emb = rotary_pos_emb[self.layer_type]
+        return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+
+    def get_query_key_value_tensors(
+        self, hidden_states: Tensor, key_value_states: Tensor | None = None, output_gate: bool = False, split_qkv: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Q, K, V [s, b, heads, d] after q/k/v norms; V is the raw K projection on K=V layers."""
+        if output_gate or not split_qkv:
+            raise NotImplementedError("Gemma 4 attention has no output gate and needs split QKV")
+        mixed_qkv, split_sizes = super().get_query_key_value_tensors(
+            hidden_states, key_value_states, output_gate=False, split_qkv=False
+        )
+        query, key, value = torch.split(mixed_qkv, split_sizes, dim=3)
+        query = self._local_query_heads(query.reshape(*query.shape[:2], -1, self.hidden_size_per_attention_head))
+        if self.k_eq_v:
+            value = key
+        return self.q_layernorm(query), self.k_layernorm(key), self.v_layernorm(value)
+
+    def _local_query_heads(self, query: Tensor) -> Tensor:
+        """This TP rank's query heads when the layer has fewer KV groups than TP ranks (megatron's rule)."""
+        groups = self.config.num_query_groups
+        if groups >= self.world_size:
+            return query
+        ranks_per_group = self.world_size // groups
+        size = self.num_attention_heads_per_partition // ranks_per_group
+        idx = get_tensor_model_parallel_rank() % ranks_per_group
+        return query[:, :, idx * size : (idx + 1) * size, :]

@@ -1,0 +1,133 @@
+"""Stock megatron-core GPTModel builder (Llama, Qwen3, Qwen3-MoE, ...), local layer spec.
+
+Contract: `build_gpt(transformer, model)` takes a dict of `TransformerConfig` keyword arguments and a
+dict of `GPTModel` keyword arguments (plain data, e.g. from a spec's config mapping) and answers a
+`GPTModel` for this rank's place in the parallel layout (parallel state must be initialised). It
+uses megatron-core's *local* layer spec (torch norms, no TransformerEngine/apex), SequentialMLP
+experts, fp32 parameters unless `params_dtype` says otherwise, and CPU initialisation. Without a GPU
+every fusion flag that needs CUDA kernels is forced off and `cpu_compat.apply()` is run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from specbridge.runtime import cpu_compat
+
+_ACTIVATIONS: dict[str, Callable] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+_CPU_OFF_FLAGS = (
+    "masked_softmax_fusion",
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "apply_rope_fusion",
+    "gradient_accumulation_fusion",
+    "persist_layer_norm",
+    "moe_permute_fusion",
+    "moe_router_fusion",
+    "cross_entropy_loss_fusion",
+    "sequence_parallel",
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def activation(name_or_fn: str | Callable) -> Callable:
+    """Map an HF `hidden_act` name to the torch function; callables pass through."""
+    if callable(name_or_fn):
+        return name_or_fn
+    if name_or_fn not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name_or_fn!r}; known: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name_or_fn]
+
+
+def _dtype(value: str | torch.dtype) -> torch.dtype:
+    """Accept a torch dtype or its name ("bfloat16", "torch.bfloat16")."""
+    if isinstance(value, torch.dtype):
+        return value
+    return _DTYPES[value.removeprefix("torch.")]
+
+
+def parallel_sizes() -> dict:
+    """TransformerConfig's parallel-size fields, read from the initialised megatron parallel_state.
+
+    GPTModel decides how many layers this pipeline stage builds from
+    `config.pipeline_model_parallel_size` (not from parallel_state), so these must be filled in.
+    """
+    from megatron.core import parallel_state as ps
+
+    return dict(
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+    )
+
+
+def transformer_config_kwargs(transformer: dict) -> dict:
+    """The TransformerConfig kwargs actually used: names resolved, parallel sizes from
+    parallel_state (unless given), CPU-required flags applied."""
+    kwargs = {**parallel_sizes(), **transformer}
+    kwargs["activation_func"] = activation(kwargs.get("activation_func", "gelu"))
+    kwargs["params_dtype"] = _dtype(kwargs.get("params_dtype", torch.float32))
+    kwargs["pipeline_dtype"] = _dtype(kwargs.get("pipeline_dtype", kwargs["params_dtype"]))
+    kwargs.setdefault("use_cpu_initialization", True)
+    if not torch.cuda.is_available():
+        kwargs.update({flag: False for flag in _CPU_OFF_FLAGS})
+        kwargs["use_cpu_initialization"] = True
+    return kwargs
+
+
+def layer_spec(config):
+    """megatron-core's local GPT layer spec for `config` (dense or MoE, optional qk-norm)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=config.qk_layernorm,
+        normalization=config.normalization,
+    )
+
+
+def build_gpt(
+    transformer: dict,
+    model: dict,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+):
+    """Build a megatron-core GPTModel from TransformerConfig kwargs and GPTModel kwargs.
+
+    `transformer` may give `activation_func` as a name ("silu", "gelu") and `params_dtype` as a name.
+    `model` holds GPTModel kwargs (vocab_size, max_sequence_length, position_embedding_type,
+    rotary_base, share_embeddings_and_output_weights, ...). `pre_process`/`post_process`/`vp_stage`
+    place the model in the pipeline. Answers the model in eval mode.
+    """
+    cpu_compat.apply()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(**transformer_config_kwargs(transformer))
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config),
+        pre_process=pre_process,
+        post_process=post_process,
+        vp_stage=vp_stage,
+        **model,
+    )
+    return gpt.eval()
