@@ -176,6 +176,10 @@ def _check_ops(rule: ast.Rule, sink: DiagnosticSink) -> None:
             sink.error(call.span, f"unknown op '{call.name}' (expected add, cast or scale)")
         elif len(call.args) + len(call.kwargs) != OPS[call.name]:
             sink.error(call.span, f"op '{call.name}' takes exactly one argument")
+        elif call.kwargs and (call.name, call.kwargs[0][0]) != ("scale", "by"):
+            sink.error(call.span, f"op '{call.name}' takes a positional argument"
+                                  f"{' or by=<pattern>' if call.name == 'scale' else ''}, not "
+                                  f"'{call.kwargs[0][0]}='")
         elif call.name == "cast" and not isinstance(call.args[0], ast.Name | ast.Const):
             sink.error(call.span, "cast takes a dtype name, e.g. cast(float32)")
 

@@ -51,6 +51,9 @@ class _SpecReader:
             if allowed is not None and name not in allowed:
                 self.sink.error(key.span, f"unknown key '{name}' in {what} (expected one of: {', '.join(sorted(allowed))})")
                 continue
+            if name in out:
+                self.sink.error(key.span, f"duplicate key '{name}' in {what} (first at {out[name][0].span})")
+                continue
             out[name] = (key, value)
         return out
 
@@ -151,6 +154,8 @@ class _SpecReader:
     def rule(self, index: int, node: Located) -> ast.Rule | None:
         fields = self.mapping(node, "rule", RULE_KEYS)
         if not fields:
+            if node.value == {}:
+                self.sink.error(node.span, "empty rule")
             return None
         get = lambda k: fields[k][1] if k in fields else None  # noqa: E731
         mcore = self.parse(get("mcore"), "pattern", "mcore pattern") if get("mcore") else None

@@ -16,18 +16,46 @@ from .diagnostics import Diagnostic, Span, SpecError
 
 @dataclass(frozen=True, slots=True)
 class Located:
-    """A YAML value (scalar, dict or list) and the span of its text. `quoted` scalars start one column later."""
+    """A YAML value (scalar, dict or list) and the span of its text. `quoted` scalars start one column later.
+
+    `raw` is the scalar's source text (quotes included) when it is a one-line quoted scalar, so that columns
+    inside it survive escapes (`\\"`, `''`); `body` is where a block scalar's (`|`, `>`) text starts.
+    """
 
     value: Any
     span: Span
     quoted: bool = False
+    raw: str | None = None
+    body: tuple[int, int] | None = None
 
     def text_span(self, line: int, column: int, length: int) -> Span:
         """Span of a character range inside this scalar (1-based line/column relative to the scalar's text)."""
+        if self.body is not None:
+            return Span(self.span.file, self.body[0] + line - 1, self.body[1] + column - 1, length)
+        if line == 1 and self.raw is not None:
+            start, end = _raw_offset(self.raw, column - 1), _raw_offset(self.raw, column - 1 + length)
+            return Span(self.span.file, self.span.line, self.span.column + start, max(1, end - start))
         start = self.span.column + (1 if self.quoted else 0)
         if line == 1:
             return Span(self.span.file, self.span.line, start + column - 1, length)
         return Span(self.span.file, self.span.line + line - 1, column, length)
+
+
+_ESCAPE_WIDTH = {"x": 4, "u": 6, "U": 10}
+
+
+def _raw_offset(raw: str, offset: int) -> int:
+    """Offset in the quoted source `raw` of the value's character number `offset` (escapes take more room)."""
+    pos, seen = 1, 0
+    while seen < offset and pos < len(raw) - 1:
+        if raw[0] == '"' and raw[pos] == "\\":
+            pos += _ESCAPE_WIDTH.get(raw[pos + 1:pos + 2], 2)
+        elif raw[0] == "'" and raw[pos:pos + 2] == "''":
+            pos += 2
+        else:
+            pos += 1
+        seen += 1
+    return pos + (offset - seen)
 
 
 def _span(node: yaml.Node, file: str) -> Span:
@@ -36,18 +64,31 @@ def _span(node: yaml.Node, file: str) -> Span:
     return Span(file, start.line + 1, start.column + 1, max(1, length))
 
 
-def _convert(node: yaml.Node, file: str, constructor: yaml.constructor.SafeConstructor) -> Located:
+def _convert(node: yaml.Node, file: str, constructor: yaml.constructor.SafeConstructor, text: str) -> Located:
     span = _span(node, file)
     if isinstance(node, yaml.MappingNode):
         out: dict[Located, Located] = {}
         for key_node, value_node in node.value:
-            key = _convert(key_node, file, constructor)
-            out[key] = _convert(value_node, file, constructor)
+            key = _convert(key_node, file, constructor, text)
+            out[key] = _convert(value_node, file, constructor, text)
         return Located(out, span)
     if isinstance(node, yaml.SequenceNode):
-        return Located([_convert(n, file, constructor) for n in node.value], span)
+        return Located([_convert(n, file, constructor, text) for n in node.value], span)
     value = constructor.construct_object(node, deep=True)
-    return Located(value, span, quoted=node.style in ("'", '"'))
+    start, end = node.start_mark, node.end_mark
+    quoted = node.style in ("'", '"')
+    raw = text[start.index:end.index] if quoted and start.line == end.line else None
+    body = _block_body(text, start.line) if node.style in ("|", ">") else None
+    return Located(value, span, quoted=quoted, raw=raw, body=body)
+
+
+def _block_body(text: str, header_line: int) -> tuple[int, int] | None:
+    """1-based (line, column) of the first character of a block scalar whose header (`|`, `>-`) is on `header_line`."""
+    lines = text.splitlines()
+    for number in range(header_line + 1, len(lines)):
+        if lines[number].strip():
+            return number + 1, len(lines[number]) - len(lines[number].lstrip(" ")) + 1
+    return None
 
 
 def load_yaml(text: str, file: str) -> Located:
@@ -60,7 +101,7 @@ def load_yaml(text: str, file: str) -> Located:
         raise SpecError([Diagnostic(span, f"invalid YAML: {exc.problem or exc.context}")], {file: text}) from None
     if node is None:
         raise SpecError([Diagnostic(Span(file, 1, 1), "empty spec")], {file: text})
-    return _convert(node, file, yaml.constructor.SafeConstructor())
+    return _convert(node, file, yaml.constructor.SafeConstructor(), text)
 
 
 def plain(located: Located) -> Any:

@@ -14,10 +14,17 @@ from specbridge.runtime.parallel import destroy_parallel, init_parallel
 
 transformers = pytest.importorskip("transformers")
 
+from specbridge.runtime.models import build_model  # noqa: E402
 from specbridge.runtime.models.gemma4 import build_gemma4  # noqa: E402
 from specbridge.runtime.models.gemma4_attention import rope_inv_freq  # noqa: E402
 
-LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+LAYER_TYPES = [
+    "sliding_attention",
+    "sliding_attention",
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+]
 BASE = dict(
     vocab_size=128,
     hidden_size=64,
@@ -60,7 +67,9 @@ def hf_model(case: str):
     model = transformers.Gemma4ForCausalLM(config).eval()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name.endswith(("norm.weight", "layernorm.weight", "_1.weight", "_2.weight", "scale", "layer_scalar")):
+            if name.endswith(
+                ("norm.weight", "layernorm.weight", "_1.weight", "_2.weight", "scale", "layer_scalar")
+            ):
                 tensor.uniform_(0.5, 1.5)
     return model
 
@@ -85,7 +94,11 @@ def hf_to_mcore(hf) -> dict[str, tuple[torch.Tensor, list[str]]]:
         hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
         geometry = cfg.per_layer_config[i]
         attn = layer.self_attn
-        qkv_sources = [f"{hp}self_attn.{p}_proj.weight" for p in ("q", "k", "v") if getattr(attn, f"{p}_proj") is not None]
+        qkv_sources = [
+            f"{hp}self_attn.{p}_proj.weight"
+            for p in ("q", "k", "v")
+            if getattr(attn, f"{p}_proj") is not None
+        ]
         out[mp + "self_attention.linear_qkv.weight"] = (
             qkv_weight(attn, geometry.num_key_value_heads, geometry.head_dim),
             qkv_sources,
@@ -107,17 +120,22 @@ def hf_to_mcore(hf) -> dict[str, tuple[torch.Tensor, list[str]]]:
             [hp + "mlp.gate_proj.weight", hp + "mlp.up_proj.weight"],
         )
         if cfg.enable_moe_block:
-            renames.update({
-                "router.proj.weight": "mlp.router.weight",
-                "router.scale": "mlp.router.scale",
-                "router.per_expert_scale": "mlp.router.per_expert_scale",
-                "post_feedforward_layernorm_1.weight": "mlp.post_shared_experts_layernorm.weight",
-                "pre_feedforward_layernorm_2.weight": "mlp.pre_experts_layernorm.weight",
-                "post_feedforward_layernorm_2.weight": "mlp.post_experts_layernorm.weight",
-            })
+            renames.update(
+                {
+                    "router.proj.weight": "mlp.router.weight",
+                    "router.scale": "mlp.router.scale",
+                    "router.per_expert_scale": "mlp.router.per_expert_scale",
+                    "post_feedforward_layernorm_1.weight": "mlp.post_shared_experts_layernorm.weight",
+                    "pre_feedforward_layernorm_2.weight": "mlp.pre_experts_layernorm.weight",
+                    "post_feedforward_layernorm_2.weight": "mlp.post_experts_layernorm.weight",
+                }
+            )
             for e in range(cfg.num_experts):
                 expert = f"{mp}mlp.experts.local_experts.{e}."
-                out[expert + "linear_fc1.weight"] = (layer.experts.gate_up_proj[e], [hp + "experts.gate_up_proj"])
+                out[expert + "linear_fc1.weight"] = (
+                    layer.experts.gate_up_proj[e],
+                    [hp + "experts.gate_up_proj"],
+                )
                 out[expert + "linear_fc2.weight"] = (layer.experts.down_proj[e], [hp + "experts.down_proj"])
         hf_sd = dict(layer.named_parameters()) | dict(layer.named_buffers())
         for hf_name, mc_name in renames.items():
@@ -140,7 +158,7 @@ def load_into(mcore, hf) -> None:
 
 
 def build(hf):
-    return build_gemma4(hf.config, {}, {})
+    return build_model("gemma4", {}, {}, hf_config=hf.config)
 
 
 def inputs():
@@ -169,7 +187,9 @@ def test_sliding_window_matters():
     """A longer window changes HF's logits, so the test above does exercise the window."""
     hf = hf_model("dense_k_eq_v")
     ids, positions = inputs()
-    wide = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**dict(CASES["dense_k_eq_v"], sliding_window=SEQ)))
+    wide = transformers.Gemma4ForCausalLM(
+        transformers.Gemma4TextConfig(**dict(CASES["dense_k_eq_v"], sliding_window=SEQ))
+    )
     wide.load_state_dict(hf.state_dict())
     with torch.no_grad():
         narrow_logits = hf(input_ids=ids, position_ids=positions, use_cache=False).logits
@@ -218,9 +238,12 @@ def test_parameter_names_and_shapes():
 
 @pytest.mark.parametrize(
     ("override", "feature"),
-    [(dict(hidden_size_per_layer_input=8), "per-layer embeddings"), (dict(num_kv_shared_layers=2), "KV sharing")],
+    [
+        (dict(hidden_size_per_layer_input=8), "per-layer embeddings"),
+        (dict(num_kv_shared_layers=2), "KV sharing"),
+    ],
 )
 def test_unsupported_features_are_named(override, feature):
     config = transformers.Gemma4TextConfig(**dict(CASES["dense_k_eq_v"], **override))
     with pytest.raises(NotImplementedError, match=feature):
-        build_gemma4(config, {}, {})
+        build_gemma4({}, {}, hf_config=config)

@@ -8,12 +8,13 @@ other modules register their builders by adding to it.
 
 from __future__ import annotations
 
+from specbridge.runtime.models.gemma4 import build_gemma4
 from specbridge.runtime.models.gpt import build_gpt
 
-BUILDERS = {"gpt": build_gpt}
+BUILDERS = {"gpt": build_gpt, "gemma4": build_gemma4}
 
 
-NEEDS_HF_CONFIG = set()  # builders that also take the HF (text) config as `hf_config`
+NEEDS_HF_CONFIG = {"gemma4"}  # builders that also take the HF (text) config as `hf_config`
 
 
 def build_model(name: str, transformer: dict, model: dict, hf_config=None, **kw):

@@ -17,10 +17,9 @@ Contract:
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from megatron.core.parallel_state import get_tensor_model_parallel_rank
 from megatron.core.transformer.attention import SelfAttention
+from torch import Tensor
 
 from specbridge.runtime.models.gemma4_config import FULL, Gemma4TransformerConfig
 
@@ -42,7 +41,7 @@ class Gemma4RMSNorm(torch.nn.Module):
         self.eps = eps
         if with_weight:
             self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-            setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+            self.weight.sequence_parallel = config.sequence_parallel
         else:
             self.weight = None
 
@@ -100,14 +99,20 @@ class Gemma4SelfAttention(SelfAttention):
             config, self.hidden_size_per_attention_head, config.layernorm_epsilon, with_weight=False
         )
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None, *args, rotary_pos_emb=None, **kwargs):
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None, *args, rotary_pos_emb=None, **kwargs
+    ):
         """As `SelfAttention.forward`; `rotary_pos_emb` may be the per-layer-type dict of the model."""
         if isinstance(rotary_pos_emb, dict):
             rotary_pos_emb = rotary_pos_emb[self.layer_type]
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
     def get_query_key_value_tensors(
-        self, hidden_states: Tensor, key_value_states: Tensor | None = None, output_gate: bool = False, split_qkv: bool = True
+        self,
+        hidden_states: Tensor,
+        key_value_states: Tensor | None = None,
+        output_gate: bool = False,
+        split_qkv: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Q, K, V [s, b, heads, d] after q/k/v norms; V is the raw K projection on K=V layers."""
         if output_gate or not split_qkv:
@@ -116,7 +121,9 @@ class Gemma4SelfAttention(SelfAttention):
             hidden_states, key_value_states, output_gate=False, split_qkv=False
         )
         query, key, value = torch.split(mixed_qkv, split_sizes, dim=3)
-        query = self._local_query_heads(query.reshape(*query.shape[:2], -1, self.hidden_size_per_attention_head))
+        query = self._local_query_heads(
+            query.reshape(*query.shape[:2], -1, self.hidden_size_per_attention_head)
+        )
         if self.k_eq_v:
             value = key
         return self.q_layernorm(query), self.k_layernorm(key), self.v_layernorm(value)

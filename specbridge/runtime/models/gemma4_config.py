@@ -60,7 +60,7 @@ class Gemma4TransformerConfig(TransformerConfig):
         """Head dim of layers of `layer_type`."""
         return self.global_kv_channels if layer_type == FULL else self.kv_channels
 
-    def for_layer(self, index: int) -> "Gemma4TransformerConfig":
+    def for_layer(self, index: int) -> Gemma4TransformerConfig:
         """Shallow copy with the attention geometry of global layer `index` (0-based)."""
         config = copy.copy(self)
         if self.is_full(index):

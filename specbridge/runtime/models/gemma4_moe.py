@@ -13,11 +13,10 @@ softmax over the top-k logits equals HF's renormalised top-k of the full softmax
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import build_module
+from torch import Tensor
 
 from specbridge.runtime.models.gemma4_attention import Gemma4RMSNorm, rms_norm
 
@@ -32,9 +31,11 @@ class Gemma4Router(TopKRouter):
     def __init__(self, config, pg_collection=None) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.scale = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
-        self.per_expert_scale = torch.nn.Parameter(torch.ones(config.num_moe_experts, dtype=config.params_dtype))
+        self.per_expert_scale = torch.nn.Parameter(
+            torch.ones(config.num_moe_experts, dtype=config.params_dtype)
+        )
         for param in (self.scale, self.per_expert_scale):
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            param.sequence_parallel = config.sequence_parallel
         self.input_scale = config.hidden_size**-0.5
 
     def forward(self, input: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -52,7 +53,9 @@ class Gemma4MoELayer(MoELayer):
     """
 
     def __init__(self, config, submodules, layer_number: int | None = None, pg_collection=None) -> None:
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection)
+        super().__init__(
+            config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection
+        )
         self.shared_experts = build_module(
             submodules.shared_experts,
             config=config,
@@ -76,4 +79,3 @@ class Gemma4MoELayer(MoELayer):
         routed, _ = self.routed_experts_compute(tokens, probs)
         routed = self.postprocess(self.combine(routed), None)
         return dense + self.post_experts_layernorm(routed), None
-

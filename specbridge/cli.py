@@ -1,0 +1,245 @@
+"""The `specbridge` command line.
+
+    specbridge check SPEC --config CONFIG            coverage proof against both manifests
+    specbridge explain SPEC --config CONFIG NAME     how one tensor (either side) is derived
+    specbridge compile SPEC -o bridge.py             standalone bridge module
+    specbridge import HF_DIR OUT                     HF checkpoint -> Megatron dist checkpoint
+    specbridge export MCORE_DIR OUT                  Megatron dist checkpoint -> HF checkpoint
+    specbridge roundtrip HF_DIR                      HF -> Megatron -> HF, exit 0 only if bit-exact
+    specbridge parity HF_DIR                         fp32 logits vs transformers
+    specbridge demo                                  the main job on an embedded tiny model
+
+Every command runs multi-rank under torchrun with --tp/--pp/--ep/--etp/--vpp; progress shows on rank 0 only.
+Spec and checkpoint errors are printed without a traceback, and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specbridge", description="Proved-correct weight conversion between "
+                                     "Hugging Face Transformers and Megatron-Core.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def parallel_flags(p):
+        for flag in ("tp", "pp", "ep"):
+            p.add_argument(f"--{flag}", type=int, default=1, help=f"{flag.upper()} size")
+        p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
+        p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
+
+    def spec_flags(p, positional: bool):
+        if positional:
+            p.add_argument("spec", help="spec file or built-in spec name")
+            p.add_argument("--config", required=True, help="HF config.json or checkpoint directory")
+        else:
+            p.add_argument("--spec", default=None, help="spec file or built-in name (default: from config.json)")
+        p.add_argument("--architecture", default=None, help="HF architecture (default: from config.json)")
+        p.add_argument("--format", default=None, help="HF on-disk format of the spec (default: detected)")
+
+    p = sub.add_parser("check", help="prove coverage of SPEC for CONFIG")
+    spec_flags(p, True)
+    p = sub.add_parser("explain", help="how one tensor name (either side) is derived")
+    spec_flags(p, True)
+    p.add_argument("name")
+    p = sub.add_parser("compile", help="emit a standalone bridge module")
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", required=True)
+    p = sub.add_parser("import", help="HF checkpoint -> Megatron distributed checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out")
+    spec_flags(p, False)
+    parallel_flags(p)
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint")
+    p.add_argument("mcore_dir")
+    p.add_argument("out")
+    parallel_flags(p)
+    p.add_argument("--format", default=None, help="HF on-disk format to write (default: the one imported)")
+    p.add_argument("--absent", choices=("check", "drop"), default="check",
+                   help="absent projections: assert they still follow their policy (default) or drop them")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF; exit 0 only if bit-exact")
+    p.add_argument("hf_dir")
+    spec_flags(p, False)
+    parallel_flags(p)
+    p.add_argument("--keep", default=None, help="keep the exported HF checkpoint here")
+    p = sub.add_parser("parity", help="fp32 logits of the converted model vs transformers")
+    p.add_argument("hf_dir")
+    spec_flags(p, False)
+    p.add_argument("--atol", type=float, default=None, help="also require max |logit diff| <= ATOL")
+    p.add_argument("--min-cosine", type=float, default=0.99999)
+    p.add_argument("--seq-len", type=int, default=32)
+    p = sub.add_parser("demo", help="convert an embedded tiny model HF -> Megatron -> HF and prove it")
+    p.add_argument("--family", default="qwen3_moe", help="llama, qwen3 or qwen3_moe")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .dsl.diagnostics import SpecError
+    from .runtime.ops import ConversionError
+
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 2
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+        print(f"specbridge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _init(args):
+    from .runtime.parallel import init_parallel
+
+    return init_parallel(tp=getattr(args, "tp", 1), pp=getattr(args, "pp", 1), ep=getattr(args, "ep", 1),
+                         etp=getattr(args, "etp", None), vpp=getattr(args, "vpp", None))
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _say(text: str) -> None:
+    if _is_rank0():
+        print(text, flush=True)
+
+
+def _progress(total: int, what: str):
+    """A tqdm bar on rank 0; a no-op elsewhere. Returns (update, close)."""
+    if not _is_rank0() or not sys.stderr.isatty() and os.environ.get("SPECBRIDGE_PROGRESS") != "1":
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=what, unit="tensor", leave=False)
+    return bar.update, bar.close
+
+
+def _converter_from_args(args, config_source):
+    from .api import Converter
+
+    return Converter.from_config(config_source, args.spec, args.architecture, args.format)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_check(args) -> int:
+    _init(args)
+    conv = _converter_from_args(args, args.config)
+    plan = conv.check()
+    hf, mcore = conv.manifests()
+    tied = sum(1 for s in plan.sentinels)
+    _say(f"{plan.spec} ({plan.architecture}, format '{plan.format}'): coverage proved")
+    _say(f"  hf:    {len(hf.tensors)} tensors, each consumed exactly once or named by a sentinel")
+    _say(f"  mcore: {len(mcore.tensors)} tensors, each produced exactly once or named by a sentinel")
+    _say(f"  {len(plan.mappings)} mappings from {len({m.rule for m in plan.mappings})} rules, {tied} sentinels, "
+         f"{sum(1 for m in plan.mappings if not m.exact)} inexact")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .compiler.explain import explain
+
+    conv = _converter_from_args(args, args.config)
+    print(explain(conv.plan, args.name, conv.spec.source))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from . import compiler
+    from .api import resolve_spec_path
+    from .compiler.emit import emit_module
+
+    path = resolve_spec_path(args.spec, None)
+    Path(args.output).write_text(emit_module(compiler.load(path)))
+    print(f"wrote {args.output} from {path}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .api import Converter
+    from .runtime import mcore_checkpoint
+
+    topology = _init(args)
+    conv = Converter.from_pretrained(args.hf_dir, args.spec, args.architecture, args.format)
+    chunks = conv.build_model()
+    update, close = _progress(len(conv.plan.mappings), "import")
+    conv.import_weights(chunks, args.hf_dir, progress=update)
+    close()
+    metadata = {"spec": str(conv.spec_path), "spec_name": conv.plan.spec, "digest": conv.plan.digest,
+                "architecture": conv.plan.architecture, "format": conv.plan.format,
+                "hf_config": conv.hf_config.to_dict(),
+                "written_with": {"tp": topology.tp_size, "pp": topology.pp_size, "ep": topology.ep_size}}
+    mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite)
+    _say(f"import: {args.hf_dir} -> {args.out} (megatron-core dist checkpoint, {len(conv.plan.mappings)} tensors)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from transformers import AutoConfig
+
+    from .api import Converter
+    from .runtime import mcore_checkpoint
+
+    _init(args)
+    meta = mcore_checkpoint.read_metadata(args.mcore_dir)
+    hf_config = AutoConfig.for_model(**meta["hf_config"])
+    conv = Converter.from_config(hf_config, meta["spec"], meta["architecture"], args.format or meta["format"])
+    chunks = conv.build_model()
+    mcore_checkpoint.load(chunks, args.mcore_dir)
+    update, close = _progress(len(conv.plan.mappings), "export")
+    conv.export_weights(chunks, args.out, check_absent=args.absent == "check", overwrite=args.overwrite,
+                        progress=update)
+    close()
+    _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}')")
+    return 0
+
+
+def cmd_roundtrip(args) -> int:
+    from .verify import roundtrip
+
+    _init(args)
+    result = roundtrip(args.hf_dir, args.keep, spec=args.spec)
+    _say(result.summary())
+    for key in (result.mismatched + result.missing + result.unexpected)[:10]:
+        _say(f"  {key}")
+    return 0 if result.exact else 1
+
+
+def cmd_parity(args) -> int:
+    from .verify import parity
+
+    _init(args)
+    result = parity(args.hf_dir, spec=args.spec, seq_len=args.seq_len)
+    _say(result.summary())
+    return 0 if result.ok(args.min_cosine, args.atol) else 1
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    _init(args)
+    report = run_demo(args.family)
+    print(json.dumps(report, indent=2))
+    return 0 if report["roundtrip_bit_exact"] and report["parity_ok"] else 1
+
+
+COMMANDS = {"check": cmd_check, "explain": cmd_explain, "compile": cmd_compile, "import": cmd_import,
+            "export": cmd_export, "roundtrip": cmd_roundtrip, "parity": cmd_parity, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Gemma 4 decoder layer on megatron-core, and the layer / block ModuleSpecs.
+
+Contract: `Gemma4TransformerLayer` is a megatron `TransformerLayer` whose attention geometry (head dim,
+KV groups) comes from its *global* index (`layer_number` + pipeline offset, via
+`Gemma4TransformerConfig.for_layer`), computing, for residual stream h:
+    h = h + post_attention_layernorm(self_attention(input_layernorm(h)))
+    r = h;  x = pre_mlp_layernorm(r)
+    y = mlp(x)  (dense layer)   or   y = mlp(x, r)  (MoE layer, see gemma4_moe)
+    h = (r + post_mlp_layernorm(y)) * layer_scalar
+`gemma4_block_spec(config, vp_stage)` answers this pipeline stage's TransformerBlockSubmodules built from
+local (torch) megatron parts: ColumnParallel/RowParallel linears, DotProductAttention, SequentialMLP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.utils import get_pg_rank, make_viewless_tensor
+from torch import Tensor
+
+from specbridge.runtime.models.gemma4_attention import Gemma4RMSNorm, Gemma4SelfAttention
+from specbridge.runtime.models.gemma4_config import Gemma4TransformerConfig
+from specbridge.runtime.models.gemma4_moe import Gemma4MoELayer, Gemma4Router
+
+
+@dataclasses.dataclass
+class Gemma4LayerSubmodules(TransformerLayerSubmodules):
+    """TransformerLayerSubmodules plus Gemma's post-attention and post-MLP norms."""
+
+    post_attention_layernorm: ModuleSpec | type = IdentityOp
+    post_mlp_layernorm: ModuleSpec | type = IdentityOp
+
+
+class Gemma4TransformerLayer(TransformerLayer):
+    """A Gemma 4 decoder layer; its attention geometry comes from its global index.
+
+    Parameters beyond TransformerLayer's: `post_attention_layernorm`, `post_mlp_layernorm`, and
+    `layer_scalar` [1] (HF's saved buffer; a frozen parameter here so it is mapped like weights).
+    """
+
+    def __init__(
+        self, config, submodules, layer_number=1, hidden_dropout=None, pg_collection=None, vp_stage=None
+    ):
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        offset = get_transformer_layer_offset(config, vp_stage, get_pg_rank(pg_collection.pp))
+        config = config.for_layer(layer_number + offset - 1)
+        base = dataclasses.replace(submodules, mlp=IdentityOp)
+        super().__init__(config, base, layer_number, hidden_dropout, pg_collection, vp_stage)
+        self.mlp = self._build_mlp(submodules.mlp, pg_collection)
+        self.is_moe_layer = isinstance(self.mlp, MoELayer)
+        norm_args = dict(config=self.config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_attention_layernorm = build_module(submodules.post_attention_layernorm, **norm_args)
+        self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm_args)
+        self.layer_scalar = torch.nn.Parameter(torch.ones(1, dtype=config.params_dtype), requires_grad=False)
+
+    def _build_mlp(self, spec, pg_collection):
+        """The dense MLP (TP group) or the Gemma MoE block (full process-group collection)."""
+        if issubclass(spec.module, MoELayer):
+            mlp = build_module(spec, config=self.config, pg_collection=pg_collection)
+            mlp.set_layer_number(self.layer_number)
+            return mlp
+        return build_module(
+            spec,
+            config=self.config,
+            ffn_hidden_size=self.config.ffn_hidden_size,
+            tp_group=pg_collection.tp,
+        )
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        context=None,
+        *,
+        rotary_pos_emb=None,
+        padding_mask=None,
+        **kwargs,
+    ):
+        """[s, b, h] -> ([s, b, h], context). Extra megatron kwargs go to self-attention."""
+        attention_kwargs = {
+            k: v for k, v in kwargs.items() if k not in ("context_mask", "dynamic_inference_decode_only")
+        }
+        residual = hidden_states
+        attention, _ = self.self_attention(
+            self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            rotary_pos_emb=rotary_pos_emb,
+            **attention_kwargs,
+        )
+        hidden_states = residual + self._dropout(self.post_attention_layernorm(attention))
+        residual = hidden_states
+        normed = self.pre_mlp_layernorm(hidden_states)
+        if self.is_moe_layer:
+            output, _ = self.mlp(normed, residual, padding_mask=padding_mask)
+        else:
+            output, _ = self.mlp(normed)
+        hidden_states = residual + self._dropout(self.post_mlp_layernorm(output))
+        hidden_states = hidden_states * self.layer_scalar.to(hidden_states.dtype)
+        return make_viewless_tensor(
+            hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True
+        ), context
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        return F.dropout(x, p=self.hidden_dropout, training=self.training)
+
+
+def gemma4_layer_spec(config: Gemma4TransformerConfig):
+    """ModuleSpec of one Gemma 4 layer: local (torch) megatron parts, MoE block when experts are set."""
+    linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    dense = ModuleSpec(module=MLP, submodules=linears)
+    mlp = dense
+    if config.num_moe_experts:
+        experts = ModuleSpec(module=SequentialMLP, submodules=linears)
+        mlp = ModuleSpec(
+            module=Gemma4MoELayer,
+            submodules=MoESubmodules(experts=experts, shared_experts=dense, router=Gemma4Router),
+        )
+    attention = ModuleSpec(
+        module=Gemma4SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=Gemma4RMSNorm,
+            k_layernorm=Gemma4RMSNorm,
+        ),
+    )
+    return ModuleSpec(
+        module=Gemma4TransformerLayer,
+        submodules=Gemma4LayerSubmodules(
+            input_layernorm=Gemma4RMSNorm,
+            self_attention=attention,
+            post_attention_layernorm=Gemma4RMSNorm,
+            pre_mlp_layernorm=Gemma4RMSNorm,
+            mlp=mlp,
+            post_mlp_layernorm=Gemma4RMSNorm,
+        ),
+    )
+
+
+def gemma4_block_spec(config: Gemma4TransformerConfig, vp_stage: int | None = None):
+    """TransformerBlockSubmodules for this pipeline stage, with Gemma's RMSNorm as the final norm."""
+    layer = gemma4_layer_spec(config)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=Gemma4RMSNorm)
