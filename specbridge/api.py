@@ -59,7 +59,10 @@ def load_hf_config(source):
     from transformers import AutoConfig
 
     path = Path(source)
-    return AutoConfig.from_pretrained(str(path.parent if path.is_file() else path))
+    directory = path.parent if path.is_file() else path
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"'{path}' does not exist or has no config.json")
+    return AutoConfig.from_pretrained(str(directory))
 
 
 @dataclasses.dataclass
@@ -70,6 +73,8 @@ class Converter:
 
     @classmethod
     def from_config(cls, hf_config, spec=None, architecture: str | None = None, fmt: str | None = None):
+        if spec is not None:
+            compiler.load(resolve_spec_path(spec, architecture))  # spec errors first, before any file is read
         hf_config = load_hf_config(hf_config)
         architecture = architecture or next(iter(getattr(hf_config, "architectures", None) or []), None)
         path = resolve_spec_path(spec, architecture)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(exc.render(), file=sys.stderr)
         return 2
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError, KeyError) as exc:
+    except (ConversionError, OSError, ValueError, KeyError) as exc:
         print(f"specbridge {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

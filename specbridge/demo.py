@@ -14,6 +14,16 @@ TINY = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value
             initializer_range=0.1)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40)
 
+# Gemma 4: sliding layers head_dim 16 / 2 KV heads, full layers 32 / 1 KV head (K=V), window 4 < sequence
+GEMMA4 = dict(vocab_size=128, hidden_size=64, intermediate_size=40, num_hidden_layers=5, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                           "full_attention"], sliding_window=4, hidden_size_per_layer_input=0,
+              final_logit_softcapping=30.0, max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1,
+              attn_implementation="eager")
+GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24)
+CONFIG_CLASSES = {"Gemma4ForCausalLM": "Gemma4TextConfig"}
+
 FAMILIES = {
     "llama": ("LlamaForCausalLM", {"tie_word_embeddings": False}),
     "llama_tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
@@ -21,6 +31,8 @@ FAMILIES = {
     "qwen3_tied": ("Qwen3ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3_moe": ("Qwen3MoeForCausalLM", {**MOE, "norm_topk_prob": True}),
     "qwen3_moe_unnormed": ("Qwen3MoeForCausalLM", {**MOE, "norm_topk_prob": False}),
+    "gemma4_moe": ("Gemma4ForCausalLM", {**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True}),
+    "gemma4_dense": ("Gemma4ForCausalLM", {**GEMMA4, "attention_k_eq_v": True}),
 }
 
 
@@ -45,7 +57,7 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     import transformers
 
     cls_name, extra = FAMILIES[family]
-    config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, CONFIG_CLASSES.get(cls_name, cls_name.replace("ForCausalLM", "Config")))
     config = config_cls(**{**TINY, **extra, **overrides}, architectures=[cls_name])
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(config).float().eval()

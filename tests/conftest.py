@@ -6,13 +6,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture()
 def parallel():
-    """A single-process megatron-core world (TP = PP = EP = 1) for the whole session."""
+    """A single-process megatron-core world (TP = PP = EP = 1), (re)initialised for each test that asks."""
     from specbridge.runtime.parallel import init_parallel
 
-    init_parallel(tp=1, pp=1, ep=1, seed=1234)
-    yield
+    return init_parallel(tp=1, pp=1, ep=1, seed=1234)
 
 
 def pytest_addoption(parser):

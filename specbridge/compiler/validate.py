@@ -148,9 +148,20 @@ def _check_layout(rule: ast.Rule, parts: list[str], sink: DiagnosticSink) -> Non
     axes = [f.name for dim in layout.dims for f in dim if isinstance(f, ast.Axis)]
     for axis in {a for a in axes if axes.count(a) > 1}:
         sink.error(layout.span, f"axis '{axis}' appears twice in the layout")
+    used = {n for b in brackets for p in b.parts if p.size is not None for n in _names(p.size)}
     for name, expr in layout.bindings:
-        if name not in axes:
-            sink.error(expr.span, f"binding '{name}' names no axis of the layout (axes: {', '.join(axes)})")
+        if name not in axes and name not in used:
+            sink.error(expr.span, f"binding '{name}' names no axis of the layout (axes: {', '.join(axes)}) and no "
+                                  f"size used by its parts")
+
+
+def _names(expr) -> set[str]:
+    """Every bare name inside an expression."""
+    if isinstance(expr, ast.Name):
+        return {expr.id}
+    children = [getattr(expr, f) for f in getattr(expr, "__slots__", ()) if f != "span"]
+    flat = [c for child in children for c in (child if isinstance(child, tuple) else (child,))]
+    return set().union(*(_names(c) for c in flat if hasattr(c, "span")))
 
 
 def _check_absent(rule: ast.Rule, parts: list[str], sink: DiagnosticSink) -> None:

@@ -190,6 +190,11 @@ class _When(_PosArg):
 def parse(source: Located, start: str):
     """Parse one YAML scalar as `start`. Returns an AST node, or a `Diagnostic` on a syntax error."""
     text = str(source.value)
+    blank = next((k for k, ch in enumerate(text) if ch.isspace()), None) if start == "pattern" else None
+    if blank is not None:  # the grammar ignores whitespace, but `norm weight` must not read as `normweight`
+        line = text.count("\n", 0, blank) + 1
+        column = blank - (text.rfind("\n", 0, blank) + 1) + 1
+        return Diagnostic(source.text_span(line, column, 1), "invalid name pattern: unexpected whitespace")
     try:
         tree = parser().parse(text, start=start)
     except lark.exceptions.UnexpectedInput as exc:

@@ -68,7 +68,8 @@ def size(value, name: str) -> int:
 
 def select_architecture(spec: str, architectures: dict, hf_config, architecture: str | None) -> str:
     """The served architecture named by `architecture`, else by the config's `architectures`, else the first."""
-    wanted = architecture or next(iter(_value(hf_config, "architectures") or []), None)
+    listed = _value(hf_config, "architectures")
+    wanted = architecture or next(iter(listed if listed is not _MISSING and listed else []), None)
     if wanted in architectures:
         return wanted
     if architecture is None and wanted is None and architectures:
