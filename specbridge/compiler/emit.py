@@ -300,8 +300,9 @@ class _Emitter:
         if rule.when is not None:
             lines += _render(self.expr(rule.when, env), indent, lead="if ", trail=":")
             indent += INDENT
-        body = self.sentinel(rule, env, indent) if rule.sentinel is not None else self.mapping(rule, env, kinds, indent)
-        return lines + body
+        if rule.sentinel is not None:
+            return lines + self.sentinel(rule, env, indent)
+        return lines + self.mapping(rule, env, kinds, indent)
 
     def key(self, pattern: ast.Pattern, env: dict[str, str]) -> str:
         out, dynamic = [], False
@@ -349,10 +350,15 @@ class _Emitter:
                 lines.append(f"{indent}program.append(Fuse(layout))")
             for call in rule.ops:
                 lines += self.guarded(call, env, indent, f"program.append({_flat(self.op(call, env))})")
-            lines.append(f"{indent}absent = {{op.part for op in program if isinstance(op, FillAbsent)}}")
-            lines += _render(_tuple(sources), indent, lead="sources = ")
-            lines.append(f"{indent}sources = tuple(s for s in sources if s.part not in absent)")
-            source_arg, program_arg = "sources", "tuple(program)"
+            if any(c.when is not None for _, c in absent):
+                lines.append(f"{indent}absent = {{op.part for op in program if isinstance(op, FillAbsent)}}")
+                lines += _render(_tuple(sources), indent, lead="sources = ")
+                lines.append(f"{indent}sources = tuple(s for s in sources if s.part not in absent)")
+                source_arg = "sources"
+            else:
+                gone = {part for part, _ in absent}
+                source_arg = _tuple(s for s, (part, _) in zip(sources, rule.hf) if part not in gone)
+            program_arg = "tuple(program)"
             inexact = [c for c in rule.ops if c.name in ("add", "scale")]
             exact = ("False" if any(c.when is None for c in inexact) else
                      "not any(isinstance(op, AddConst | ScaleBy) for op in program)" if inexact else "True")

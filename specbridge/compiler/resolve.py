@@ -23,7 +23,8 @@ LAYER, EXPERT = "layer", "expert"
 
 def select_architecture(spec: ast.Spec, hf_config, architecture: str | None) -> ast.Architecture:
     names = [a.name for a in spec.architectures]
-    wanted = architecture or next(iter(config_value(hf_config, "architectures") or []), None)
+    listed = config_value(hf_config, "architectures")
+    wanted = architecture or next(iter(listed if listed is not MISSING and listed else []), None)
     for arch in spec.architectures:
         if arch.name == wanted:
             return arch

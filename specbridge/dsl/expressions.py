@@ -94,6 +94,9 @@ class _ToAst(Transformer):
     def false(self, meta, c):
         return ast.Const(False, self._span(meta))
 
+    def none(self, meta, c):
+        return ast.Const(None, self._span(meta))
+
     def list_expr(self, meta, c):
         return ast.ListExpr(tuple(c), self._span(meta))
 

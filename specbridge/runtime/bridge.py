@@ -31,7 +31,7 @@ from ..compiler.ir import (
     Split,
 )
 from ..compiler.plan import order
-from ..dsl.diagnostics import Span
+from ..compiler.ir import Span
 from .ops import ConversionError, run_export, run_import
 
 __all__ = [

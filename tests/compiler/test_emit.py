@@ -4,8 +4,6 @@ tensors as the interpreted compiler and runtime."""
 from __future__ import annotations
 
 import importlib.util
-import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +14,9 @@ from specbridge.compiler.emit import emit_module
 from specbridge.compiler.invert import invert
 from specbridge.compiler.plan import order
 from specbridge.compiler.resolve import resolve
+from specbridge.compiler.validate import validate
 from specbridge.dsl.diagnostics import SpecError
 from specbridge.dsl.parser import parse_spec
-from specbridge.compiler.validate import validate
 from specbridge.runtime.ops import run_export, run_import
 from tests.support import FAMILIES, tiny_model
 
@@ -152,7 +150,7 @@ symbols:
   full(i): layer_types[i] == "full_attention"
   kv(i): num_global_kv_heads if full(i) else num_kv_heads
   d(i): 2 * head_dim if full(i) else head_dim
-  k_eq_v(i): full(i) and k_eq_v
+  k_eq_v(i): full(i) and attention_k_eq_v
   pick(f): f(0)
 rules:
   - hf: "{prefix}embed.weight"
@@ -192,9 +190,10 @@ rules:
     shard: row
 """
 
-FEATURE_CONFIG = dict(architectures=["FeatCausalLM"], num_hidden_layers=3, num_experts=2, num_attention_heads=4, layer_types=[
-    "full_attention", "sliding_attention", "full_attention"], rope={"theta": 10000.0}, hidden_size=64,
-    vocab_size=32, num_global_kv_heads=1, num_kv_heads=2, head_dim=8, k_eq_v=True, tie=True)
+FEATURE_CONFIG = dict(
+    architectures=["FeatCausalLM"], num_hidden_layers=3, num_experts=2, num_attention_heads=4,
+    layer_types=["full_attention", "sliding_attention", "full_attention"], rope={"theta": 10000.0}, hidden_size=64,
+    vocab_size=32, num_global_kv_heads=1, num_kv_heads=2, head_dim=8, attention_k_eq_v=True, tie=True)
 
 
 def test_features_spec(tmp_path):
@@ -202,7 +201,7 @@ def test_features_spec(tmp_path):
     text = emit_module(spec)
     assert "import functools" in text
     bridge = load_bridge(text, tmp_path, "features")
-    for config in (FEATURE_CONFIG, {**FEATURE_CONFIG, "k_eq_v": False, "tie": False, "num_experts": 0},
+    for config in (FEATURE_CONFIG, {**FEATURE_CONFIG, "attention_k_eq_v": False, "tie": False, "num_experts": 0},
                    {"architectures": ["FeatForConditionalGeneration"], "text_config": FEATURE_CONFIG}):
         for fmt in spec.formats:
             assert bridge.plan(config, fmt=fmt) == interpret(spec, config, fmt=fmt)
@@ -211,4 +210,3 @@ def test_features_spec(tmp_path):
     assert any(not m.exact for m in emitted.mappings)
     with pytest.raises(ValueError, match="does not serve"):
         bridge.plan({"architectures": ["Other"]})
-    json.dumps([m.mcore for m in emitted.mappings])

@@ -169,26 +169,31 @@ def test_call_print_parse_identity(node):
 
 
 SHIPPED = [
-    "(g [q: r*d | k: d | v: d]) h with g = kv",
-    "([gate | up] f) h",
-    "(glu f) h with glu = 2",
-    "num_global_key_value_heads if full(i) else num_key_value_heads",
-    'layer_types[i] == "full_attention" and attention_k_eq_v',
-    "not tie_word_embeddings",
-    "rope_parameters.rope_theta",
-    "ABSENT_PROJECTION(copy_of=k) when k_eq_v(i)",
-    "{prefix}layers.{i}.mlp.experts.gate_up_proj[{e}]",
-    "decoder.layers.{i:layer}.mlp.experts.local_experts.{e:expert}.linear_fc1.weight",
-    "-a ** -b ** 2 - (c - d) - e",
-    "(a if b else c) if (d or e) else f if g else h",
+    ("layout", "(g [q: r*d | k: d | v: d]) h with g = kv"),
+    ("layout", "([gate | up] f) h"),
+    ("layout", "(glu f) h with glu = 2"),
+    ("expr", "num_global_key_value_heads if full(i) else num_key_value_heads"),
+    ("expr", 'layer_types[i] == "full_attention" and attention_k_eq_v'),
+    ("expr", "not tie_word_embeddings"),
+    ("expr", "rope_parameters.rope_theta"),
+    ("expr", "-a ** -b ** 2 - (c - d) - e"),
+    ("expr", "(a if b else c) if (d or e) else f if g else h"),
+    ("call", "ABSENT_PROJECTION(copy_of=k) when k_eq_v(i)"),
+    ("call", "scale(by='{prefix}layers.{i}.norm.weight')"),
+    ("pattern", "{prefix}layers.{i}.mlp.experts.gate_up_proj[{e}]"),
+    ("pattern", "decoder.layers.{i:layer}.mlp.experts.local_experts.{e:expert}.linear_fc1.weight"),
 ]
 
 
 def test_shipped_forms_print_canonically():
-    for text in SHIPPED:
-        start = "layout" if text.startswith(("(", "[")) and "[" in text and " if " not in text else \
-            "call" if text.startswith("ABSENT") else "pattern" if "{" in text else "expr"
+    for start, text in SHIPPED:
         node = parse(located(text), start)
         assert not isinstance(node, Diagnostic), (text, node)
         again = parse(located(to_text(node)), start)
         assert strip_spans(again) == strip_spans(node), (text, to_text(node))
+
+
+def test_power_binds_tighter_than_unary_minus():
+    node = parse(located("-2 ** 2"), "expr")
+    assert isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.BinOp) and node.operand.op == "**"
+    assert to_text(node) == "-2 ** 2"
