@@ -66,6 +66,9 @@ def test_k_eq_v_has_no_v_proj_and_export_asserts_v_equals_k(causal, tmp_path, pa
     assert not (tmp_path / "out").exists()
     conv.export_weights(chunks, tmp_path / "dropped", check_absent=False)
     assert CheckpointReader(tmp_path / "dropped").keys() == CheckpointReader(causal).keys()
+    exported, original = ({k: v for k, v in transformers.AutoConfig.from_pretrained(str(d)).to_dict().items()
+                           if k != "_name_or_path"} for d in (tmp_path / "dropped", causal))
+    assert exported == original  # layer_types, rope_parameters per type, window, global head geometry
 
 
 def test_cli_roundtrip_and_parity(causal, parallel, capsys):
