@@ -22,10 +22,10 @@ import torch
 from . import compiler
 from .compiler import ir
 from .dsl.diagnostics import SpecError
-from .runtime import engine, manifests
+from .runtime import collectives, engine, manifests
 from .runtime.build import build_chunks
 from .runtime.ops import ConversionError
-from .runtime.safetensors_io import AtomicDirectory, CheckpointReader, CheckpointWriter, finalize
+from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
 
 SPEC_DIR = Path(str(resources.files("specbridge.specs")))
 
@@ -117,31 +117,43 @@ class Converter:
         return compiler.check(self.plan, *self.manifests(chunks), sources={spec.file: spec.source})
 
     # ------------------------------------------------------------ models and weights
-    def build_model(self, params_dtype=None) -> list:
-        return build_chunks(self.plan, self.text_config, params_dtype)
+    def build_model(self, params_dtype=None, extra_transformer: dict | None = None) -> list:
+        """This rank's model chunk(s); `extra_transformer` adds TransformerConfig fields the spec does not set
+        (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split)."""
+        return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
 
     def import_weights(self, chunks, hf_dir, ranks: engine.Ranks | None = None, progress=None) -> CheckpointReader:
         reader = CheckpointReader(hf_dir)
-        engine.import_weights(chunks, self.plan, reader, ranks or _ranks(), progress=progress)
+        engine.import_weights(chunks, self.plan, reader, ranks or engine.Ranks.current(), progress=progress)
         return reader
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
                        max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress=None) -> Path:
-        """Write an HF checkpoint (safetensors + config.json) atomically; single-process export."""
+        """Write an HF checkpoint (safetensors + config.json), from all ranks at once when distributed: each
+        writing rank writes its own shard files, rank 0 the index and config; all into one staging directory
+        that becomes `out_dir` only when every rank succeeded."""
         dtype = dtype or _config_dtype(self.hf_config)
-        with AtomicDirectory(out_dir, overwrite) as staging:
-            writer = CheckpointWriter(staging, max_shard_bytes)
-            engine.export_weights(chunks, self.plan, writer.add, _ranks(), hf_dtype=dtype,
-                                  check_absent=check_absent, progress=progress)
-            finalize(staging, writer.finish(), writer.total_bytes)
-            write_hf_config(self, chunks, staging, dtype)
-        return Path(out_dir)
-
-
-def _ranks() -> engine.Ranks:
-    from .runtime.parallel import current_topology
-
-    return engine.Ranks.from_topology(current_topology())
+        target = Path(out_dir)
+        error = None
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            error = ConversionError(f"output directory '{target}' exists and is not empty")
+        collectives.agree(error)
+        staging = collectives.shared_staging(target)
+        ranks = engine.Ranks.current()
+        try:
+            writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
+            engine.export_weights(chunks, self.plan, writer.add, ranks, hf_dtype=dtype, check_absent=check_absent,
+                                  progress=progress)
+            maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
+            if ranks.rank == 0:
+                weight_map = {k: f for m, _ in maps for k, f in m.items()}
+                finalize(staging, weight_map, sum(total for _, total in maps))
+                write_hf_config(self, chunks, staging, dtype)
+        except BaseException:
+            collectives.abandon_staging(staging)
+            raise
+        collectives.commit_staging(staging, target)
+        return target
 
 
 def _config_dtype(hf_config) -> torch.dtype | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .api import Converter
+from .api import Converter, _config_dtype
 from .runtime.safetensors_io import CheckpointReader
 
 
@@ -42,23 +42,19 @@ def compare_checkpoints(original: str | Path, exported: str | Path, ignore: set[
 def roundtrip(hf_dir: str | Path, out_dir: str | Path | None = None, spec=None, progress=None) -> RoundTrip:
     """Import `hf_dir` into a Megatron model, export it again, compare bit for bit."""
     conv = Converter.from_pretrained(hf_dir, spec)
-    chunks = conv.build_model(params_dtype=_storage_dtype(hf_dir))
+    dtype = _storage_dtype(conv)
+    chunks = conv.build_model(params_dtype=dtype)
     conv.import_weights(chunks, hf_dir, progress=progress)
     tied = {s.key for s in conv.plan.sentinels if s.kind == "tied"}
     with tempfile.TemporaryDirectory(prefix="specbridge-roundtrip-") as tmp:
         target = Path(out_dir) if out_dir is not None else Path(tmp) / "hf"
-        conv.export_weights(chunks, target, dtype=None if out_dir else _storage_dtype(hf_dir), overwrite=True,
-                            progress=progress)
+        conv.export_weights(chunks, target, dtype=dtype, overwrite=True, progress=progress)
         return compare_checkpoints(hf_dir, target, ignore=tied)
 
 
-def _storage_dtype(hf_dir) -> torch.dtype:
-    """The dtype the checkpoint stores its floating tensors in (a Megatron model in it round-trips exactly)."""
-    reader = CheckpointReader(hf_dir)
-    names = {reader.dtype(k) for k in sorted(reader.keys())[:64]}
-    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    found = [table[n] for n in names if n in table]
-    return max(found, key=lambda d: torch.finfo(d).bits) if found else torch.float32
+def _storage_dtype(conv: Converter) -> torch.dtype:
+    """The dtype the checkpoint's config declares (a Megatron model in it round-trips exactly); fp32 if none."""
+    return _config_dtype(conv.hf_config) or torch.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +103,35 @@ def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
     with torch.no_grad():
         return model(ids, positions, None).float()
+
+
+def pipeline_logits(chunks, ids: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """Full-vocabulary fp32 logits of a model split over pipeline stages (and virtual stages) and tensor
+    parallel ranks, through megatron-core's own pipeline schedule. Returned on the last stage, None elsewhere."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    rows = list(ids.split(1))  # one sequence per micro-batch (an interleaved schedule needs >= PP of them)
+
+    def step(data_iterator, model):
+        output = model(next(data_iterator), positions, None)
+        return output, lambda out: (out.float().sum() * 0, {"logits": out.detach().float()})
+
+    with torch.no_grad():
+        stored = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=[iter(rows) for _ in chunks], model=chunks,
+            num_microbatches=len(rows), seq_length=ids.shape[1], micro_batch_size=1, forward_only=True)
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    local = torch.cat([s["logits"] for s in stored])
+    size = ps.get_tensor_model_parallel_world_size()
+    if size > 1:
+        shards = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+        local = torch.cat(shards, dim=-1)
+    return local[..., :vocab]
 
 
 def compare_logits(got: torch.Tensor, expected: torch.Tensor) -> Parity:

@@ -6,10 +6,10 @@ from ..compiler import ir
 from .models import build_model
 
 
-def build_chunks(plan: ir.Plan, hf_config, params_dtype=None) -> list:
+def build_chunks(plan: ir.Plan, hf_config, params_dtype=None, extra_transformer: dict | None = None) -> list:
     from megatron.core import parallel_state as ps
 
-    transformer = plan.transformer_kwargs()
+    transformer = {**plan.transformer_kwargs(), **(extra_transformer or {})}
     if params_dtype is not None:
         transformer["params_dtype"] = params_dtype
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1

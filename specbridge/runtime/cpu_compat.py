@@ -240,7 +240,32 @@ def _patch_pipeline_schedules() -> None:
         module.torch = _CpuTorch()
 
 
+def _patch_tied_embedding_setup() -> None:
+    """`Tensor.cuda()` is the identity while a language model ties its embedding across pipeline stages.
+
+    Call site: `LanguageModule.setup_embeddings_and_output_layer` moves the shared embedding / output weight with
+    `weight.data.cuda()` before all-reducing it over the embedding group (PP > 1 with tied embeddings).
+    """
+    module = _module("megatron.core.models.common.language_module.language_module")
+    cls = getattr(module, "LanguageModule", None) if module is not None else None
+    original = getattr(cls, "setup_embeddings_and_output_layer", None)
+    if original is None or getattr(original, "_specbridge_cpu", False):
+        return
+
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    setup_embeddings_and_output_layer._specbridge_cpu = True
+    cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 _PATCHES = (
+    _patch_tied_embedding_setup,
     _patch_current_device,
     _patch_streams,
     _patch_rng_seed,

@@ -1,24 +1,33 @@
 """Executing a checked `Plan` on Megatron model chunks: import (HF -> Megatron) and export (Megatron -> HF).
 
-Import: every local tensor of every model chunk on this rank is filled by exactly one mapping; the HF tensors
-it needs are read lazily, and only the rank's slice is copied in. A local tensor with no rule, a missing or
-unknown HF key, or a shape mismatch is a `ConversionError` naming key, rule and rank, raised before any write.
+Import: every local tensor of every model chunk on this rank is filled by exactly one mapping. A rank reads only
+the bytes it owns: for a tensor-parallel tensor, the row ranges of each HF part that make up its slice of the
+sharded axis (whole query groups for QKV, `[gate_r; up_r]` for GLU fc1, a vocab row range), for an
+expert-parallel rank only its experts, for a pipeline stage only its layers. Problems found before reading (a
+local tensor no rule fills, a missing or unknown key, an axis that does not divide by TP) and while reading are
+agreed on by all ranks, so every rank ends with the same error naming key, rule and rank.
 
-Export: mappings are walked in the plan's order (layer by layer). A tensor-parallel tensor is gathered only
-inside its TP group (expert TP group for experts); one rank per group (tp rank 0) converts it and hands the HF
-tensors to the writer. Stacked HF tensors (fused experts) are assembled one layer at a time.
+Export: mappings are walked in the plan's order, experts of one (layer, rule) as one group. A tensor-parallel
+tensor is gathered only inside its TP group (expert-TP group for experts), experts only inside their EP group;
+one designated rank per tensor converts it and hands the HF tensors to its own shard writer. Fused expert
+tensors are assembled one layer at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from ..compiler import ir
-from .naming import local_to_global, named_tensors
-from .ops import ConversionError, run_export, run_import, tp_concat, tp_slice
+from ..compiler.layouts import dim_of_axis, infer_sizes
+from .collectives import agree
+from .naming import TIED_OUTPUT, local_to_global, named_tensors
+from .ops import ConversionError, below_tp, run_export, run_import, tp_concat, tp_slice
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +42,28 @@ class Ranks:
     etp_rank: int = 0
     etp_size: int = 1
     dp_rank: int = 0
+    expert_dp_rank: int = 0
 
     @classmethod
-    def from_topology(cls, t) -> "Ranks":
-        return cls(t.rank, t.tp_rank, t.tp_size, t.ep_rank, t.ep_size, t.etp_rank, t.etp_size, t.dp_rank)
+    def current(cls) -> "Ranks":
+        """Read from megatron-core's parallel_state (must be initialised)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        return cls(dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+                   ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
+                   ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+                   ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank())
 
     def tp_of(self, mapping: ir.Mapping) -> tuple[int, int]:
         return (self.etp_rank, self.etp_size) if mapping.expert is not None else (self.tp_rank, self.tp_size)
+
+    def writes(self, mapping: ir.Mapping) -> bool:
+        """The one rank that writes this tensor: TP rank 0 of the first data-parallel replica
+        (for experts: expert-TP rank 0, EP rank 0, first expert-data-parallel replica)."""
+        if mapping.expert is not None:
+            return self.etp_rank == 0 and self.ep_rank == 0 and self.expert_dp_rank == 0
+        return self.tp_rank == 0 and self.dp_rank == 0
 
 
 def local_tensors(chunks: Iterable[torch.nn.Module], ranks: Ranks) -> dict[str, torch.Tensor]:
@@ -56,7 +80,7 @@ def local_tensors(chunks: Iterable[torch.nn.Module], ranks: Ranks) -> dict[str, 
 
 
 def verify_checkpoint_keys(plan: ir.Plan, available: set[str]) -> None:
-    """Before reading: every key the plan needs is there, and every key there is known to the plan."""
+    """Every key the plan needs is there, and every key there is known to the plan."""
     needed = {s.key: m for m in plan.mappings for s in m.sources}
     for key, m in needed.items():
         if key not in available:
@@ -69,64 +93,181 @@ def verify_checkpoint_keys(plan: ir.Plan, available: set[str]) -> None:
                               f"'{plan.spec}' ({plan.architecture}, format '{plan.format}') consumes", key=unknown[0])
 
 
-def import_weights(chunks, plan: ir.Plan, reader, ranks: Ranks = Ranks(), progress=None) -> int:
-    """Fill every local tensor of `chunks` from `reader`. Returns the number of tensors filled."""
-    verify_checkpoint_keys(plan, reader.keys())
-    targets = local_tensors(chunks, ranks)
+def tied_copies(plan: ir.Plan) -> dict[str, str]:
+    """Megatron's copy of a tied tensor on the last pipeline stage -> the tensor it copies."""
+    if any(s.kind == "tied" and s.reason == "embedding.word_embeddings.weight" for s in plan.sentinels):
+        return {TIED_OUTPUT: "embedding.word_embeddings.weight"}
+    return {}
+
+
+def _assignments(plan: ir.Plan, targets: dict, ranks: Ranks) -> dict[str, ir.Mapping]:
+    """Local name -> the mapping that fills it; raises for a tensor no rule fills."""
     by_mcore = plan.by_mcore()
     skipped = {s.key for s in plan.sentinels if s.side == ir.MCORE}
+    copies = tied_copies(plan)
+    out = {}
     for name in targets:
-        if name not in by_mcore and name not in skipped:
+        mapping = by_mcore.get(copies.get(name, name))
+        if mapping is None:
+            if name in skipped:
+                continue
             raise ConversionError(f"Megatron tensor '{name}' would stay unfilled: no rule of spec '{plan.spec}' "
                                   f"produces it", key=name, rank=ranks.rank)
-    filled = 0
-    with torch.no_grad():
-        for name, target in targets.items():
-            mapping = by_mcore.get(name)
-            if mapping is None:
-                continue
-            _fill(target, mapping, reader, ranks)
-            filled += 1
-            if progress is not None:
-                progress(1)
-    return filled
+        out[name] = mapping
+    return out
+
+
+def import_weights(chunks, plan: ir.Plan, reader, ranks: Ranks = Ranks(), progress=None) -> int:
+    """Fill every local tensor of `chunks` from `reader`. Returns the number of tensors filled on this rank."""
+    targets = local_tensors(chunks, ranks)
+    error, work = None, {}
+    try:
+        verify_checkpoint_keys(plan, reader.keys())
+        work = _assignments(plan, targets, ranks)
+        for name, mapping in work.items():
+            _check_divisible(mapping, reader, ranks)
+    except ConversionError as exc:
+        error = exc
+    agree(error)
+    try:
+        with torch.no_grad():
+            for name, mapping in work.items():
+                _fill(targets[name], mapping, reader, ranks)
+                if progress is not None:
+                    progress(1)
+    except ConversionError as exc:
+        error = exc
+    agree(error)
+    return len(work)
+
+
+def _check_divisible(mapping: ir.Mapping, reader, ranks: Ranks) -> None:
+    rank, size = ranks.tp_of(mapping)
+    if size == 1 or mapping.shard.kind != "axis" or mapping.shard.axis is None:
+        return
+    axis = mapping.shard.axis
+    extent = mapping.layout.size(axis)
+    if extent is None:
+        source = mapping.sources[0]
+        shape = reader.shape(source.key)[1 if source.index is not None else 0:]
+        extent = infer_sizes(mapping.layout, shape, source.part)[axis]
+    if below_tp(mapping, size):
+        extent = math.prod(_fused_dim(mapping, reader))
+        axis = f"dim {mapping.shard.dim}"
+    if extent % size:
+        layer = f" (layer {mapping.layer})" if mapping.layer is not None else ""
+        raise ConversionError(f"axis '{axis}' of '{mapping.mcore}'{layer} has size {extent}, which tensor "
+                              f"parallel size {size} does not divide", key=mapping.mcore, rule=mapping.span,
+                              rank=ranks.rank)
+
+
+def _fused_dim(mapping: ir.Mapping, reader) -> tuple[int, ...]:
+    """The factor sizes of the fused tensor's sharded dim, from the HF parts' shapes."""
+    sizes = dict(mapping.layout.sizes)
+    for s in mapping.sources:
+        sizes.update(infer_sizes(mapping.layout, reader.shape(s.key)[1 if s.index is not None else 0:], s.part))
+    extents = dict(mapping.layout.parts)
+    dim = mapping.layout.dims[mapping.shard.dim]
+    return tuple(sum(extents.values()) if f == ir.BRACKET else sizes[f] for f in dim)
 
 
 def _fill(target: torch.Tensor, mapping: ir.Mapping, reader, ranks: Ranks) -> None:
-    parts = {s.part: reader.get(s.key, s.index) for s in mapping.sources}
+    rank, size = ranks.tp_of(mapping)
     try:
-        full = run_import(mapping, parts, read=reader.get)
+        local = _build_local(mapping, reader, rank, size, tuple(target.shape))
+    except ConversionError as exc:
+        raise ConversionError(str(exc).split(" [")[0], key=exc.key or mapping.mcore, rule=mapping.span,
+                              rank=ranks.rank) from None
     except (RuntimeError, ValueError) as exc:
-        if isinstance(exc, ConversionError):
-            raise
         raise ConversionError(f"cannot build '{mapping.mcore}': {exc}", key=mapping.mcore, rule=mapping.span,
                               rank=ranks.rank) from None
-    rank, size = ranks.tp_of(mapping)
-    padded = target.shape[0] * size if mapping.shard.kind == "vocab" else None
-    local = tp_slice(full, mapping, rank, size, padded)
     if tuple(local.shape) != tuple(target.shape):
         raise ConversionError(f"shape mismatch: the spec gives {list(local.shape)} for this rank, the Megatron "
                               f"tensor is {list(target.shape)}", key=mapping.mcore, rule=mapping.span, rank=ranks.rank)
     target.copy_(local)
 
 
+def _build_local(mapping: ir.Mapping, reader, rank: int, size: int, target_shape) -> torch.Tensor:
+    """This rank's slice of the Megatron tensor, reading only the HF bytes it needs where the layout allows."""
+    shard = mapping.shard
+    if size == 1 or shard.kind == "replicated":
+        return run_import(mapping, _read_parts(mapping, reader), read=reader.get)
+    if shard.kind == "vocab" and len(mapping.sources) == 1 and not mapping.hf_to_mcore:
+        return _read_vocab_rows(mapping.sources[0], reader, rank, target_shape)
+    if shard.kind == "axis" and _row_shardable(mapping, size):
+        return _import_rows(mapping, reader, rank, size)
+    if shard.kind == "axis" and mapping.layout is None and shard.dim == 1 and not mapping.hf_to_mcore:
+        (source,) = mapping.sources
+        chunk = target_shape[1]
+        return reader.get(source.key, source.index, cols=(rank * chunk, (rank + 1) * chunk))
+    full = run_import(mapping, _read_parts(mapping, reader), read=reader.get)
+    return tp_slice(full, mapping, rank, size, target_shape[0] * size if shard.kind == "vocab" else None)
+
+
+def _read_parts(mapping: ir.Mapping, reader) -> dict[str, torch.Tensor]:
+    return {s.part: reader.get(s.key, s.index) for s in mapping.sources}
+
+
+def _read_vocab_rows(source: ir.Source, reader, rank: int, target_shape) -> torch.Tensor:
+    rows = target_shape[0]
+    vocab = reader.shape(source.key)[0]
+    start, stop = rank * rows, min((rank + 1) * rows, vocab)
+    tensor = reader.get(source.key, source.index, rows=(start, stop)) if start < stop else None
+    if tensor is not None and tensor.shape[0] == rows:
+        return tensor
+    pad = torch.zeros((rows - (0 if tensor is None else tensor.shape[0]), *target_shape[1:]),
+                      dtype=reader_dtype(reader, source.key))
+    return pad if tensor is None else torch.cat([tensor, pad])
+
+
+def reader_dtype(reader, key: str) -> torch.dtype:
+    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    return table.get(reader.dtype(key), torch.float32)
+
+
+def _row_shardable(mapping: ir.Mapping, size: int) -> bool:
+    """The sharded axis lies in dim 0 of every part, and no op needs the whole tensor."""
+    if any(isinstance(op, ir.ScaleBy) for op in mapping.hf_to_mcore):
+        return False
+    if mapping.layout is None:
+        return mapping.shard.dim == 0
+    return dim_of_axis(mapping.layout, mapping.shard.axis) == 0 and not below_tp(mapping, size)
+
+
+def _import_rows(mapping: ir.Mapping, reader, rank: int, size: int) -> torch.Tensor:
+    parts = {s.part: _read_part_rows(mapping, s, reader, rank, size) for s in mapping.sources}
+    return run_import(_localized(mapping, size), parts, read=reader.get)
+
+
+def _read_part_rows(mapping: ir.Mapping, source: ir.Source, reader, rank: int, size: int) -> torch.Tensor:
+    """The rows of one HF part that hold this rank's chunk of the sharded axis (one range per outer index)."""
+    shape = reader.shape(source.key)[1 if source.index is not None else 0:]
+    if mapping.layout is None:
+        factors, position = (shape[0],), 0
+    else:
+        sizes = infer_sizes(mapping.layout, shape, source.part)
+        dim0 = mapping.layout.dims[0]
+        factors = tuple(dict(mapping.layout.parts)[source.part] if f == ir.BRACKET else sizes[f] for f in dim0)
+        position = dim0.index(mapping.shard.axis) if mapping.shard.axis else 0
+    outer, extent, inner = math.prod(factors[:position]), factors[position], math.prod(factors[position + 1:])
+    chunk = extent // size
+    ranges = [((o * extent + rank * chunk) * inner, (o * extent + (rank + 1) * chunk) * inner) for o in range(outer)]
+    pieces = [reader.get(source.key, source.index, rows=r) for r in ranges]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _localized(mapping: ir.Mapping, size: int) -> ir.Mapping:
+    """The mapping as seen by one TP rank: the sharded axis's bound size divided by the TP size."""
+    if mapping.layout is None:
+        return mapping
+    axis = mapping.shard.axis
+    layout = dataclasses.replace(mapping.layout, sizes=tuple((k, v // size if k == axis else v)
+                                                             for k, v in mapping.layout.sizes))
+    program = tuple(ir.Fuse(layout) if isinstance(op, ir.Fuse) else op for op in mapping.hf_to_mcore)
+    return dataclasses.replace(mapping, hf_to_mcore=program)
+
+
 # ---------------------------------------------------------------- export
-
-
-class _Stacks:
-    """Collects the slices of stacked HF tensors; hands each one over when complete."""
-
-    def __init__(self, plan: ir.Plan):
-        self.lengths = dict(plan.stacks)
-        self.slices: dict[str, dict[int, torch.Tensor]] = {}
-
-    def add(self, key: str, index: int, tensor: torch.Tensor):
-        slices = self.slices.setdefault(key, {})
-        slices[index] = tensor
-        if len(slices) == self.lengths[key]:
-            del self.slices[key]
-            return torch.stack([slices[i] for i in range(self.lengths[key])])
-        return None
 
 
 def gather_tp(local: torch.Tensor, mapping: ir.Mapping, ranks: Ranks, vocab_rows: int | None) -> torch.Tensor:
@@ -145,33 +286,82 @@ def gather_tp(local: torch.Tensor, mapping: ir.Mapping, ranks: Ranks, vocab_rows
     return tp_concat(shards, mapping, vocab_rows if mapping.shard.kind == "vocab" else None)
 
 
+def gather_ep(tensors: list[torch.Tensor], ranks: Ranks) -> list[torch.Tensor]:
+    """Every expert of a (layer, rule) group, gathered only within the expert-parallel group."""
+    if ranks.ep_size == 1:
+        return tensors
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    local = torch.stack(tensors)
+    out = [torch.empty_like(local) for _ in range(ranks.ep_size)]
+    dist.all_gather(out, local.contiguous(), group=ps.get_expert_model_parallel_group())
+    return [t for block in out for t in block.unbind(0)]
+
+
+def export_groups(plan: ir.Plan):
+    """The plan's mappings in order, the experts of one (layer, rule) together."""
+    for _, group in itertools.groupby(plan.mappings, key=lambda m: (m.layer, m.rule, m.expert is None and m.mcore)):
+        yield list(group)
+
+
+class _Stacks:
+    """Collects the slices of stacked HF tensors; hands each one over when complete."""
+
+    def __init__(self, plan: ir.Plan):
+        self.lengths = dict(plan.stacks)
+        self.slices: dict[str, dict[int, torch.Tensor]] = {}
+
+    def add(self, key: str, index: int, tensor: torch.Tensor):
+        slices = self.slices.setdefault(key, {})
+        slices[index] = tensor
+        if len(slices) == self.lengths[key]:
+            del self.slices[key]
+            return torch.stack([slices[i] for i in range(self.lengths[key])])
+        return None
+
+
 def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype: torch.dtype | None = None,
                    check_absent: bool = True, progress=None) -> int:
-    """Convert every mapping whose Megatron tensor lives on this rank; `emit(key, tensor)` receives each HF
-    tensor on the designated rank (TP rank 0 of the owning group). Returns the number of tensors emitted."""
+    """Convert every mapping whose Megatron tensor lives on this rank; `emit(key, tensor)` receives each HF tensor
+    on its designated rank. Errors are agreed on by all ranks at the end (no rank is left waiting in a gather).
+    Returns the number of HF tensors this rank emitted."""
     tensors = local_tensors(chunks, ranks)
     vocab_rows = plan.model_kwargs().get("vocab_size")
     stacks = _Stacks(plan)
-    emitted = 0
+    emitted, error = 0, None
     with torch.no_grad():
-        for mapping in plan.mappings:
-            local = tensors.get(mapping.mcore)
-            if local is None:
+        for group in export_groups(plan):
+            local = [m for m in group if m.mcore in tensors]
+            if not local:
                 continue
-            full = gather_tp(local.detach(), mapping, ranks, vocab_rows)
-            if ranks.tp_of(mapping)[0] != 0:
+            fulls = [gather_tp(tensors[m.mcore].detach(), m, ranks, vocab_rows) for m in local]
+            if group[0].expert is not None:
+                fulls, local = gather_ep(fulls, ranks), group
+            if error is not None or not ranks.writes(group[0]):
                 continue
-            parts = run_export(mapping, full, read=lambda k: tensors[k], hf_dtype=hf_dtype, check_absent=check_absent)
-            for source in mapping.sources:
-                tensor = parts[source.part].to(hf_dtype) if hf_dtype is not None else parts[source.part]
-                if source.index is not None:
-                    tensor = stacks.add(source.key, source.index, tensor)
-                    if tensor is None:
-                        continue
-                emit(source.key, tensor)
-                emitted += 1
+            try:
+                for mapping, full in zip(local, fulls):
+                    emitted += _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent)
+            except ConversionError as exc:
+                error = ConversionError(str(exc).split(" [")[0], key=exc.key, rule=exc.rule, rank=ranks.rank)
             if progress is not None:
-                progress(1)
-    if stacks.slices:
-        raise ConversionError(f"stacked tensors incomplete after export: {sorted(stacks.slices)}", rank=ranks.rank)
+                progress(len(group))
+    if error is None and stacks.slices:
+        error = ConversionError(f"stacked tensors incomplete after export: {sorted(stacks.slices)}", rank=ranks.rank)
+    agree(error)
     return emitted
+
+
+def _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent) -> int:
+    parts = run_export(mapping, full, read=lambda k: tensors[k], hf_dtype=hf_dtype, check_absent=check_absent)
+    count = 0
+    for source in mapping.sources:
+        tensor = parts[source.part].to(hf_dtype) if hf_dtype is not None else parts[source.part]
+        if source.index is not None:
+            tensor = stacks.add(source.key, source.index, tensor)
+            if tensor is None:
+                continue
+        emit(source.key, tensor)
+        count += 1
+    return count

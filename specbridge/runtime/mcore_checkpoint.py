@@ -10,11 +10,9 @@ megatron-core's own loader.
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
-import torch.distributed as dist
+from . import collectives
 
 METADATA = "specbridge.json"
 
@@ -25,37 +23,23 @@ def _sharded_state_dict(chunks) -> dict:
     return {f"model{k}": chunk.sharded_state_dict() for k, chunk in enumerate(chunks)}
 
 
-def _shared_staging(target: Path) -> Path:
-    """One staging directory name for all ranks (rank 0 chooses it)."""
-    name = [str(target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(name, src=0)
-    return Path(name[0])
-
-
 def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False) -> Path:
     from megatron.core import dist_checkpointing
 
     target = Path(target)
+    error = None
     if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory '{target}' exists and is not empty")
-    staging = _shared_staging(target)
-    if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier()
+        error = FileExistsError(f"output directory '{target}' exists and is not empty")
+    collectives.agree(error)
+    staging = collectives.shared_staging(target)
     try:
         dist_checkpointing.save(_sharded_state_dict(chunks), str(staging))
-        dist.barrier()
+        if collectives.world()[0] == 0:
+            (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     except BaseException:
-        if dist.get_rank() == 0:
-            shutil.rmtree(staging, ignore_errors=True)
+        collectives.abandon_staging(staging)
         raise
-    if dist.get_rank() == 0:
-        (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    dist.barrier()
+    collectives.commit_staging(staging, target)
     return target
 
 

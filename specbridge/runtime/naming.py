@@ -41,3 +41,6 @@ def _global_expert(model, local_name: str, match: re.Match, ep_rank: int) -> int
     experts_path = local_name[:match.start()] + ".local_experts"
     local_experts = model.get_submodule(experts_path)
     return ep_rank * len(local_experts) + int(match.group(1))
+
+# megatron-core keeps a copy of a tied embedding as the output layer's weight on the last pipeline stage (PP > 1)
+TIED_OUTPUT = "output_layer.weight"

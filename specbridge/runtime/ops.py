@@ -82,6 +82,14 @@ def _axis_view(tensor: torch.Tensor, mapping: ir.Mapping) -> tuple[torch.Tensor,
     return tensor.reshape(factored_shape(layout, sizes)), axis_position(layout, shard.axis)
 
 
+def below_tp(mapping: ir.Mapping, size: int) -> bool:
+    """The sharded axis has fewer entries than TP ranks (e.g. 1-2 KV groups on a TP of 2-4). megatron-core then
+    splits the whole dim evenly, cutting through the group, and all-gathers the projection's output."""
+    shard, layout = mapping.shard, mapping.layout
+    extent = layout.size(shard.axis) if layout is not None and shard.axis is not None else None
+    return extent is not None and extent < size
+
+
 def tp_slice(tensor: torch.Tensor, mapping: ir.Mapping, rank: int, size: int, padded_rows: int | None = None):
     """The rank's shard of a full Megatron tensor (vocab shards are zero-padded to `padded_rows` first)."""
     shard = mapping.shard
@@ -92,7 +100,7 @@ def tp_slice(tensor: torch.Tensor, mapping: ir.Mapping, rank: int, size: int, pa
             pad = tensor.new_zeros((padded_rows - tensor.shape[0], *tensor.shape[1:]))
             tensor = torch.cat([tensor, pad])
         return tensor.chunk(size, dim=0)[rank] if size > 1 else tensor
-    view, dim = _axis_view(tensor, mapping)
+    view, dim = (tensor, shard.dim) if below_tp(mapping, size) else _axis_view(tensor, mapping)
     if view.shape[dim] % size:
         raise ConversionError(f"axis '{shard.axis or shard.dim}' of size {view.shape[dim]} does not divide by "
                               f"tensor parallel size {size}", key=mapping.mcore, rule=mapping.span)
@@ -110,10 +118,10 @@ def tp_concat(shards: list[torch.Tensor], mapping: ir.Mapping, vocab_rows: int |
     if shard.kind == "vocab":
         full = torch.cat(shards, dim=0)
         return full[:vocab_rows] if vocab_rows is not None else full
+    if mapping.layout is None or shard.axis is None or below_tp(mapping, len(shards)):
+        return torch.cat(shards, dim=shard.dim)
     full_shape = list(shards[0].shape)
     full_shape[shard.dim] *= len(shards)
-    if mapping.layout is None or shard.axis is None:
-        return torch.cat(shards, dim=shard.dim)
     sizes = infer_sizes(mapping.layout, tuple(full_shape))
     local_sizes = dict(sizes, **{shard.axis: sizes[shard.axis] // len(shards)})
     pos = axis_position(mapping.layout, shard.axis)

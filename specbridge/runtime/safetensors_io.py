@@ -5,17 +5,14 @@ Reader: opens `model.safetensors.index.json` (or every `*.safetensors` file), me
 bytes it reads (the multi-rank runtime proves each rank reads only its share).
 
 Writer: tensors are added one at a time and flushed to shard files when a shard is full, so the whole model is
-never held at once. Everything is written into a temporary directory beside the target and renamed into place
-by `commit()`; `abort()` (or an exception inside the `with` block) removes it, so no half-written output is
-left behind.
+never held at once. It writes into a staging directory (see `collectives.shared_staging`) that becomes the
+output only when every rank succeeded, so no half-written output is left behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -79,24 +76,26 @@ class CheckpointReader:
         file = self.file_of(key)
         try:
             return self._open(file).get_slice(key)
+        except ConversionError as exc:
+            raise ConversionError(str(exc), key=key) from None
         except (SafetensorError, OSError) as exc:
             raise ConversionError(f"cannot read '{key}' from '{file}': {exc}", key=key) from None
 
-    def get(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `key`; with `index`, one slice of a stacked tensor; with `rows`, a range of dim 0
-        (of the slice). Only the bytes asked for are read."""
+    def get(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None,
+            cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `key`; with `index`, one slice of a stacked tensor; with `rows` / `cols`, a range of the
+        first / second dim (of that slice). Only the bytes asked for are read."""
+        selection = (slice(index, index + 1),) if index is not None else ()
+        selection += (slice(*rows) if rows is not None else slice(None),)
+        if cols is not None:
+            selection += (slice(*cols),)
         tensor_slice = self._slice(key)
         try:
-            if index is not None and rows is not None:
-                tensor = tensor_slice[index:index + 1, rows[0]:rows[1]][0]
-            elif index is not None:
-                tensor = tensor_slice[index:index + 1][0]
-            elif rows is not None:
-                tensor = tensor_slice[rows[0]:rows[1]]
-            else:
-                tensor = tensor_slice[:]
-        except (SafetensorError, OSError, RuntimeError) as exc:
+            tensor = tensor_slice[selection]
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise ConversionError(f"cannot read '{key}' from '{self.file_of(key)}': {exc}", key=key) from None
+        if index is not None:
+            tensor = tensor[0]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -163,27 +162,3 @@ def finalize(staging: Path, weight_map: dict[str, str], total_bytes: int) -> Non
         index = {"metadata": {"total_size": total_bytes},
                  "weight_map": {k: names[f] for k, f in sorted(weight_map.items())}}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-class AtomicDirectory:
-    """`with AtomicDirectory(out) as tmp:` write into `tmp`; on success it becomes `out`, on error it vanishes."""
-
-    def __init__(self, target: str | Path, overwrite: bool = False):
-        self.target = Path(target)
-        self.overwrite = overwrite
-        self.path: Path | None = None
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and not self.overwrite and any(self.target.iterdir()):
-            raise ConversionError(f"output directory '{self.target}' exists and is not empty")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        os.replace(self.path, self.target)

@@ -153,6 +153,7 @@ def transformer_kwargs(hf_config) -> dict:
         attention_k_eq_v=bool(hf_config.attention_k_eq_v),
         rope_parameters={t: dict(hf_config.rope_parameters[t]) for t in set(hf_config.layer_types)},
         final_logit_softcapping=hf_config.final_logit_softcapping,
+        **_per_layer_checkpoint_keys(),
     )
     if hf_config.enable_moe_block:
         kwargs.update(
@@ -167,6 +168,15 @@ def transformer_kwargs(hf_config) -> dict:
             moe_expert_capacity_factor=None,
         )
     return kwargs
+
+
+def _per_layer_checkpoint_keys() -> dict:
+    """Sliding and full layers differ in shape, so dist checkpoints must key each layer on its own instead of
+    stacking all layers under one key (megatron-core's `hetereogenous_dist_checkpoint`, spelled as it is there)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    field = "hetereogenous_dist_checkpoint"
+    return {field: True} if field in TransformerConfig.__dataclass_fields__ else {}
 
 
 def model_kwargs(hf_config) -> dict:

@@ -1,0 +1,78 @@
+"""The few collectives the runtime needs beyond megatron-core's groups, all safe in a single process.
+
+`agree(error)` is how a failure on one rank becomes the same clear error on every rank instead of a hang: every
+rank calls it at the same point with its own outcome, and all raise if any failed. `shared_staging(target)` gives
+all ranks one temporary directory beside `target` that rank 0 later renames into place.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .ops import ConversionError
+
+
+def world() -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_objects(obj) -> list:
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree(error: BaseException | None) -> None:
+    """Raise on every rank if any rank failed (the error names the failing rank(s) and their messages)."""
+    rank, _ = world()
+    outcomes = gather_objects(None if error is None else (rank, str(error)))
+    failed = [o for o in outcomes if o is not None]
+    if not failed:
+        return
+    if error is not None and len(failed) == 1:
+        raise error
+    lines = [f"rank {r}: {msg}" for r, msg in failed]
+    raise ConversionError("failed on " + ", ".join(f"rank {r}" for r, _ in failed) + ":\n  " + "\n  ".join(lines))
+
+
+def shared_staging(target: Path) -> Path:
+    """One staging directory name beside `target` for all ranks (created by rank 0)."""
+    rank, _ = world()
+    name = str(target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}") if rank == 0 else None
+    name = gather_objects(name)[0]
+    staging = Path(name)
+    if rank == 0:
+        staging.mkdir(parents=True)
+    barrier()
+    return staging
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def commit_staging(staging: Path, target: Path) -> None:
+    """After every rank succeeded: rank 0 renames the staging directory into place; all ranks wait for it."""
+    barrier()
+    if world()[0] == 0:
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    barrier()
+
+
+def abandon_staging(staging: Path) -> None:
+    """On failure: rank 0 removes the staging directory. No collective here: a rank that failed alone must not
+    wait for the others (they end with it, at the next collective or when the launcher stops them)."""
+    if world()[0] == 0:
+        shutil.rmtree(staging, ignore_errors=True)
