@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="fp32 logits of the converted model vs transformers")
     p.add_argument("hf_dir")
     spec_flags(p, False)
+    parallel_flags(p)
     p.add_argument("--atol", type=float, default=None, help="also require max |logit diff| <= ATOL")
     p.add_argument("--min-cosine", type=float, default=0.99999)
     p.add_argument("--seq-len", type=int, default=32)

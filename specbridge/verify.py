@@ -4,12 +4,14 @@ Megatron model vs transformers' own model on the same tokens). Used by the CLI a
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from .api import Converter, _config_dtype
+from .runtime import collectives
 from .runtime.safetensors_io import CheckpointReader
 
 
@@ -46,10 +48,18 @@ def roundtrip(hf_dir: str | Path, out_dir: str | Path | None = None, spec=None, 
     chunks = conv.build_model(params_dtype=dtype)
     conv.import_weights(chunks, hf_dir, progress=progress)
     tied = {s.key for s in conv.plan.sentinels if s.kind == "tied"}
-    with tempfile.TemporaryDirectory(prefix="specbridge-roundtrip-") as tmp:
-        target = Path(out_dir) if out_dir is not None else Path(tmp) / "hf"
-        conv.export_weights(chunks, target, dtype=dtype, overwrite=True, progress=progress)
-        return compare_checkpoints(hf_dir, target, ignore=tied)
+    if out_dir is not None:
+        conv.export_weights(chunks, out_dir, dtype=dtype, overwrite=True, progress=progress)
+        return compare_checkpoints(hf_dir, out_dir, ignore=tied)
+    rank = collectives.world()[0]
+    tmp = Path(collectives.gather_objects(tempfile.mkdtemp(prefix="specbridge-roundtrip-") if rank == 0 else None)[0])
+    try:
+        conv.export_weights(chunks, tmp / "hf", dtype=dtype, overwrite=True, progress=progress)
+        return compare_checkpoints(hf_dir, tmp / "hf", ignore=tied)
+    finally:
+        collectives.barrier()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _storage_dtype(conv: Converter) -> torch.dtype:
@@ -90,13 +100,15 @@ def parity(hf_dir: str | Path, spec=None, seq_len: int = 16, batch: int = 2, see
     conv = Converter.from_pretrained(hf_dir, spec)
     chunks = conv.build_model(params_dtype=torch.float32)
     conv.import_weights(chunks, hf_dir)
-    reference = hf_model(hf_dir, conv.plan.architecture)
     vocab = conv.plan.model_kwargs()["vocab_size"]
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        expected = reference(input_ids=ids).logits.float()
-        got = megatron_logits(chunks[0], ids)[..., :vocab]
-    return compare_logits(got, expected)
+    got = pipeline_logits(chunks, ids, vocab)
+    result = None
+    if got is not None:  # the last pipeline stage compares against transformers; every rank gets the result
+        with torch.no_grad():
+            expected = hf_model(hf_dir, conv.plan.architecture)(input_ids=ids).logits.float()
+        result = compare_logits(got, expected)
+    return next(r for r in collectives.gather_objects(result) if r is not None)
 
 
 def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
