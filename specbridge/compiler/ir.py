@@ -155,6 +155,16 @@ class ConfigEntry:
     span: Span
 
 
+def stacks_of(mappings) -> tuple[tuple[str, int], ...]:
+    """Stacked HF keys (sources with an index) and their lengths."""
+    lengths: dict[str, int] = {}
+    for m in mappings:
+        for s in m.sources:
+            if s.index is not None:
+                lengths[s.key] = max(lengths.get(s.key, 0), s.index + 1)
+    return tuple(sorted(lengths.items()))
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A spec compiled for one HF config, architecture and on-disk format: checked and ordered."""

@@ -28,10 +28,11 @@ from ..compiler.ir import (
     Sentinel,
     Shard,
     Source,
+    Span,
     Split,
+    stacks_of,
 )
 from ..compiler.plan import order
-from ..compiler.ir import Span
 from .ops import ConversionError, run_export, run_import
 
 __all__ = [
@@ -83,16 +84,6 @@ def text_config(hf_config, attr: str | None):
         return hf_config
     sub = _value(hf_config, attr)
     return hf_config if sub is _MISSING or sub is None else sub
-
-
-def stacks_of(mappings) -> tuple[tuple[str, int], ...]:
-    """Stacked HF keys and their lengths."""
-    lengths: dict[str, int] = {}
-    for m in mappings:
-        for s in m.sources:
-            if s.index is not None:
-                lengths[s.key] = max(lengths.get(s.key, 0), s.index + 1)
-    return tuple(sorted(lengths.items()))
 
 
 _PIECE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[A-Za-z0-9_\-|]+)?\}")
