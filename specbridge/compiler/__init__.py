@@ -65,7 +65,27 @@ class _Opaque:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(spec, config_key: str, architecture, fmt, config: _Opaque) -> ir.Plan:
+    check_requirements(spec, config.value, architecture)
     return order(invert(resolve(spec, config.value, architecture, fmt)))
+
+
+def check_requirements(spec, hf_config, architecture: str | None = None) -> None:
+    """Refuse a config the spec does not support (e.g. a RoPE scaling it does not model) before anything else:
+    a conversion that would be silently wrong is an error naming the requirement."""
+    from ..dsl.diagnostics import DiagnosticSink
+    from .evaluate import EvalError, Scope, evaluate
+    from .resolve import select_architecture, text_config
+
+    sink = DiagnosticSink({spec.file: spec.source})
+    scope = Scope(text_config(hf_config, select_architecture(spec, hf_config, architecture)),
+                  {s.name: s for s in spec.symbols})
+    for requirement in spec.requires:
+        try:
+            if not evaluate(requirement, scope):
+                sink.error(requirement.span, "this HF config is not supported by the spec: the requirement is false")
+        except EvalError as exc:
+            sink.error(exc.span, exc.message)
+    sink.raise_if_any()
 
 
 def _config_dict(hf_config):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..dsl import ast
 from ..dsl.diagnostics import Span
 from ..dsl.expressions import parse as parse_text
+from ..dsl.printer import to_text
 from ..dsl.yaml_source import Located
 from . import ir
 from .evaluate import BUILTINS
@@ -452,7 +453,21 @@ class _Emitter:
 
     def plan_function(self) -> list[str]:
         rows = [f"    ({_literal(r.format)}, rule_{r.index})," for r in self.spec.rules]
-        return ["", "", "RULES = (  # (HF format or None for all, rule)", *rows, ")", *_PLAN]
+        return [*self.requirements_function(), "", "", "RULES = (  # (HF format or None for all, rule)", *rows, ")",
+                *_PLAN]
+
+    def requirements_function(self) -> list[str]:
+        lines = ["", "", "def check_requirements(cfg) -> None:",
+                 f'{INDENT}"""Refuse a config the spec does not support (its `requires:`)."""']
+        for requirement in self.spec.requires:
+            where = f"{self.spec.file}:{requirement.span.line}:{requirement.span.column}"
+            message = f"{where}: this HF config is not supported by the spec: {to_text(requirement)}"
+            lines += _render(self.expr(requirement, {}), INDENT, lead="if not (", trail="):")
+            chunks = [message[k:k + 80] for k in range(0, len(message), 80)]
+            lines += [f"{INDENT * 2}raise ValueError(", *(f"{INDENT * 3}{_q(c)}" for c in chunks), f"{INDENT * 2})"]
+        if not self.spec.requires:
+            lines.append(f"{INDENT}return None")
+        return lines
 
 
 _PLAN = '''
@@ -465,6 +480,7 @@ def plan(hf_config, architecture: str | None = None, fmt: str | None = None) -> 
     if fmt not in FORMATS:
         raise ValueError(f"spec '{SPEC}' has no HF format '{fmt}' (formats: {', '.join(FORMATS)})")
     cfg = text_config(hf_config, sub_config)
+    check_requirements(cfg)
     config = config_entries(cfg)
     values = {e.field: e.value for e in config}
     layers = range(int(values.get("num_layers") or 0))

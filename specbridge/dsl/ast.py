@@ -225,3 +225,4 @@ class Spec:
     symbols: tuple[SymbolDef, ...]
     rules: tuple[Rule, ...]
     span: Span
+    requires: tuple[Expr, ...] = ()  # predicates every supported HF config satisfies

@@ -14,7 +14,7 @@ from .diagnostics import Diagnostic, DiagnosticSink
 from .expressions import parse as parse_text
 from .yaml_source import Located, load_yaml
 
-TOP_KEYS = {"spec", "doc", "hf", "mcore", "symbols", "rules"}
+TOP_KEYS = {"spec", "doc", "hf", "mcore", "symbols", "requires", "rules"}
 HF_KEYS = {"architectures", "formats"}
 ARCH_KEYS = {"prefix", "config"}
 MCORE_KEYS = {"model", "transformer", "model_args"}
@@ -90,8 +90,15 @@ class _SpecReader:
         symbols = self.symbols(top["symbols"][1]) if "symbols" in top else ()
         rules_node = self.required(top, "rules", root, "spec")
         rules = self.rules(rules_node) if rules_node else ()
+        requires = self.requirements(top["requires"][1]) if "requires" in top else ()
         return ast.Spec(name or "?", self.file, self.text, architectures, formats, model or "?", transformer,
-                        model_args, symbols, rules, root.span)
+                        model_args, symbols, rules, root.span, requires)
+
+    def requirements(self, node: Located):
+        if not isinstance(node.value, list):
+            self.sink.error(node.span, "'requires' must be a list of predicates")
+            return ()
+        return tuple(e for e in (self.parse(item, "expr", "requirement") for item in node.value) if e is not None)
 
     def hf_section(self, entry, root):
         if entry is None:

@@ -210,3 +210,16 @@ def test_features_spec(tmp_path):
     assert any(not m.exact for m in emitted.mappings)
     with pytest.raises(ValueError, match="does not serve"):
         bridge.plan({"architectures": ["Other"]})
+
+
+def test_unsupported_config_is_refused_by_both(tmp_path, at_root):
+    """A config outside the spec's `requires:` (Llama 3 RoPE scaling) is refused, never converted wrongly."""
+    path = spec_path("llama")
+    config = tiny_model("llama").config
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(SpecError, match=r"llama.yaml:\d+:\d+: error: this HF config is not supported"):
+        compile_plan(load(path), config)
+    module = load_bridge(emit_module(load(path)), tmp_path)
+    with pytest.raises(ValueError, match="not supported by the spec: rope_parameters.rope_type"):
+        module.plan(config)
