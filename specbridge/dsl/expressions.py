@@ -23,7 +23,7 @@ START_SYMBOLS = ("pattern", "expr", "layout", "call", "symdef")
 def parser() -> lark.Lark:
     grammar = resources.files(__package__).joinpath("grammar.lark").read_text()
     return lark.Lark(grammar, parser="lalr", start=list(START_SYMBOLS), propagate_positions=True,
-                     maybe_placeholders=False, cache=False)
+                     maybe_placeholders=False, cache=True)
 
 
 @v_args(meta=True)

@@ -9,7 +9,9 @@ from .models import build_model
 def build_chunks(plan: ir.Plan, hf_config, params_dtype=None, extra_transformer: dict | None = None) -> list:
     from megatron.core import parallel_state as ps
 
-    transformer = {**plan.transformer_kwargs(), **(extra_transformer or {})}
+    # every tensor is overwritten by an import or a checkpoint load (an unfilled one is an error), so megatron-core's
+    # random initialisation is skipped: it dominated build time at real sizes
+    transformer = {"perform_initialization": False, **plan.transformer_kwargs(), **(extra_transformer or {})}
     if params_dtype is not None:
         transformer["params_dtype"] = params_dtype
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1

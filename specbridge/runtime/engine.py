@@ -270,33 +270,41 @@ def _localized(mapping: ir.Mapping, size: int) -> ir.Mapping:
 # ---------------------------------------------------------------- export
 
 
-def gather_tp(local: torch.Tensor, mapping: ir.Mapping, ranks: Ranks, vocab_rows: int | None) -> torch.Tensor:
-    """The full tensor, gathered only within the tensor's own TP group (expert TP group for experts)."""
+def _gather_to_root(local: torch.Tensor, group, size: int) -> list[torch.Tensor] | None:
+    """Every member's tensor, on the group's first rank only (None elsewhere)."""
+    import torch.distributed as dist
+
+    root = dist.get_global_rank(group, 0)
+    shards = [torch.empty_like(local) for _ in range(size)] if dist.get_rank() == root else None
+    dist.gather(local.contiguous(), shards, dst=root, group=group)
+    return shards
+
+
+def gather_tp(local: torch.Tensor, mapping: ir.Mapping, ranks: Ranks, vocab_rows: int | None):
+    """The full tensor on the TP group's first rank (expert-TP group for experts), None on the others: gathered
+    only within the tensor's own group, and only to the rank that converts it."""
     rank, size = ranks.tp_of(mapping)
     if size == 1 or mapping.shard.kind == "replicated":
-        shards = [local]
+        shards = [local] if rank == 0 else None
     else:
-        import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
         group = ps.get_expert_tensor_parallel_group() if mapping.expert is not None else \
             ps.get_tensor_model_parallel_group()
-        shards = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(shards, local.contiguous(), group=group)
+        shards = _gather_to_root(local, group, size)
+    if shards is None:
+        return None
     return tp_concat(shards, mapping, vocab_rows if mapping.shard.kind == "vocab" else None)
 
 
-def gather_ep(tensors: list[torch.Tensor], ranks: Ranks) -> list[torch.Tensor]:
-    """Every expert of a (layer, rule) group, gathered only within the expert-parallel group."""
+def gather_ep(tensors: list[torch.Tensor], ranks: Ranks) -> list[torch.Tensor] | None:
+    """Every expert of a (layer, rule) group, on the expert-parallel group's first rank (None elsewhere)."""
     if ranks.ep_size == 1:
         return tensors
-    import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    local = torch.stack(tensors)
-    out = [torch.empty_like(local) for _ in range(ranks.ep_size)]
-    dist.all_gather(out, local.contiguous(), group=ps.get_expert_model_parallel_group())
-    return [t for block in out for t in block.unbind(0)]
+    blocks = _gather_to_root(torch.stack(tensors), ps.get_expert_model_parallel_group(), ranks.ep_size)
+    return None if blocks is None else [t for block in blocks for t in block.unbind(0)]
 
 
 def export_groups(plan: ir.Plan):
@@ -306,18 +314,22 @@ def export_groups(plan: ir.Plan):
 
 
 class _Stacks:
-    """Collects the slices of stacked HF tensors; hands each one over when complete."""
+    """Assembles stacked HF tensors slice by slice into one preallocated tensor; hands it over when complete."""
 
     def __init__(self, plan: ir.Plan):
         self.lengths = dict(plan.stacks)
-        self.slices: dict[str, dict[int, torch.Tensor]] = {}
+        self.stacks: dict[str, torch.Tensor] = {}
+        self.filled: dict[str, set[int]] = {}
 
     def add(self, key: str, index: int, tensor: torch.Tensor):
-        slices = self.slices.setdefault(key, {})
-        slices[index] = tensor
-        if len(slices) == self.lengths[key]:
-            del self.slices[key]
-            return torch.stack([slices[i] for i in range(self.lengths[key])])
+        if key not in self.stacks:
+            self.stacks[key] = tensor.new_empty((self.lengths[key], *tensor.shape))
+            self.filled[key] = set()
+        self.stacks[key][index].copy_(tensor)
+        self.filled[key].add(index)
+        if len(self.filled[key]) == self.lengths[key]:
+            del self.filled[key]
+            return self.stacks.pop(key)
         return None
 
 
@@ -336,8 +348,12 @@ def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype
             if not local:
                 continue
             fulls = [gather_tp(tensors[m.mcore].detach(), m, ranks, vocab_rows) for m in local]
+            if any(full is None for full in fulls):
+                continue  # not the first rank of this tensor's TP group
             if group[0].expert is not None:
                 fulls, local = gather_ep(fulls, ranks), group
+                if fulls is None:
+                    continue
             if error is not None or not ranks.writes(group[0]):
                 continue
             try:
@@ -347,8 +363,8 @@ def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype
                 error = ConversionError(str(exc).split(" [")[0], key=exc.key, rule=exc.rule, rank=ranks.rank)
             if progress is not None:
                 progress(len(group))
-    if error is None and stacks.slices:
-        error = ConversionError(f"stacked tensors incomplete after export: {sorted(stacks.slices)}", rank=ranks.rank)
+    if error is None and stacks.stacks:
+        error = ConversionError(f"stacked tensors incomplete after export: {sorted(stacks.stacks)}", rank=ranks.rank)
     agree(error)
     return emitted
 
@@ -362,6 +378,6 @@ def _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent) -> int:
             tensor = stacks.add(source.key, source.index, tensor)
             if tensor is None:
                 continue
-        emit(source.key, tensor)
+        emit(source.key, tensor, owned=source.index is not None)
         count += 1
     return count

@@ -116,7 +116,7 @@ def tp_concat(shards: list[torch.Tensor], mapping: ir.Mapping, vocab_rows: int |
     if shard.kind == "replicated" or len(shards) == 1 and shard.kind != "vocab":
         return shards[0]
     if shard.kind == "vocab":
-        full = torch.cat(shards, dim=0)
+        full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
         return full[:vocab_rows] if vocab_rows is not None else full
     if mapping.layout is None or shard.axis is None or below_tp(mapping, len(shards)):
         return torch.cat(shards, dim=shard.dim)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .ops import ConversionError
 
@@ -103,16 +102,43 @@ class CheckpointReader:
         self._handles.clear()
 
 
-class CheckpointWriter:
-    """Writes tensors into size-bounded shards inside a temporary directory; `commit()` renames it into place.
+_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}
 
-    In a distributed export each writing rank passes its own `shard_prefix`; the index is written once by
-    `write_index` over every rank's weight map.
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written straight from the tensors' memory (no serialised copy of the data)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+class CheckpointWriter:
+    """Writes tensors into size-bounded shards inside a staging directory, without copying their data.
+
+    Tensors handed in as `owned` (built for the export, e.g. stacked experts) end the current shard once they add
+    up to `max_owned_bytes`, so at most about one large one is held; other tensors are the model's own memory.
+    In a distributed export each writing rank passes its own `shard_prefix`.
     """
 
-    def __init__(self, staging: str | Path, max_shard_bytes: int = 2 << 30, shard_prefix: str = "model"):
+    def __init__(self, staging: str | Path, max_shard_bytes: int = 2 << 30, shard_prefix: str = "model",
+                 max_owned_bytes: int = 256 << 20):
         self.staging = Path(staging)
         self.max_shard_bytes = max_shard_bytes
+        self.max_owned_bytes = max_owned_bytes
+        self._owned_bytes = 0
         self.shard_prefix = shard_prefix
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
@@ -120,24 +146,27 @@ class CheckpointWriter:
         self._pending_bytes = 0
         self._files: list[str] = []
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
+    def add(self, key: str, tensor: torch.Tensor, owned: bool = False) -> None:
         if key in self.weight_map or key in self._pending:
             raise ConversionError(f"tensor '{key}' written twice", key=key)
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        self._pending[key] = tensor.detach().contiguous()
+        self._pending[key] = tensor.detach()
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
+        self._owned_bytes += nbytes if owned else 0
+        if self._owned_bytes >= self.max_owned_bytes:
+            self.flush()
 
     def flush(self) -> None:
         if not self._pending:
             return
         name = f"{self.shard_prefix}-part{len(self._files):05d}.safetensors"
-        save_file(self._pending, str(self.staging / name), metadata={"format": "pt"})
+        write_safetensors(self.staging / name, self._pending, {"format": "pt"})
         self._files.append(name)
         self.weight_map.update({k: name for k in self._pending})
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes, self._owned_bytes = {}, 0, 0
 
     def finish(self) -> dict[str, str]:
         """Flush the last shard; the weight map (key -> staged file name)."""

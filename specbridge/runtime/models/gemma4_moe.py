@@ -28,8 +28,9 @@ class Gemma4Router(TopKRouter):
     all replicated across TP and EP ranks.
     """
 
-    def __init__(self, config, pg_collection=None) -> None:
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, **kwargs) -> None:
+        # kwargs: whatever this megatron-core release's MoELayer passes on (0.19: `is_mtp_layer`).
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         self.scale = torch.nn.Parameter(torch.ones(config.hidden_size, dtype=config.params_dtype))
         self.per_expert_scale = torch.nn.Parameter(
             torch.ones(config.num_moe_experts, dtype=config.params_dtype)
@@ -52,9 +53,16 @@ class Gemma4MoELayer(MoELayer):
     config must leave `moe_shared_expert_intermediate_size` unset so MoELayer builds none itself.
     """
 
-    def __init__(self, config, submodules, layer_number: int | None = None, pg_collection=None) -> None:
+    def __init__(
+        self, config, submodules, layer_number: int | None = None, pg_collection=None, **kwargs
+    ) -> None:
+        # kwargs: MoELayer arguments of newer megatron-core releases (0.19: `is_mtp_layer`, `name`).
         super().__init__(
-            config=config, submodules=submodules, layer_number=layer_number, pg_collection=pg_collection
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+            **kwargs,
         )
         self.shared_experts = build_module(
             submodules.shared_experts,
