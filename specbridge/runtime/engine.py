@@ -344,29 +344,36 @@ def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype
     emitted, error = 0, None
     with torch.no_grad():
         for group in export_groups(plan):
-            local = [m for m in group if m.mcore in tensors]
-            if not local:
-                continue
-            fulls = [gather_tp(tensors[m.mcore].detach(), m, ranks, vocab_rows) for m in local]
-            if any(full is None for full in fulls):
-                continue  # not the first rank of this tensor's TP group
-            if group[0].expert is not None:
-                fulls, local = gather_ep(fulls, ranks), group
-                if fulls is None:
+            for mapping, full in _gathered(group, tensors, ranks, vocab_rows):
+                if error is not None or not ranks.writes(mapping):
                     continue
-            if error is not None or not ranks.writes(group[0]):
-                continue
-            try:
-                for mapping, full in zip(local, fulls):
+                try:
                     emitted += _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent)
-            except ConversionError as exc:
-                error = ConversionError(str(exc).split(" [")[0], key=exc.key, rule=exc.rule, rank=ranks.rank)
+                except ConversionError as exc:
+                    error = ConversionError(str(exc).split(" [")[0], key=exc.key, rule=exc.rule, rank=ranks.rank)
             if progress is not None:
                 progress(len(group))
     if error is None and stacks.stacks:
         error = ConversionError(f"stacked tensors incomplete after export: {sorted(stacks.stacks)}", rank=ranks.rank)
     agree(error)
     return emitted
+
+
+def _gathered(group: list[ir.Mapping], tensors: dict, ranks: Ranks, vocab_rows):
+    """(mapping, full Megatron tensor) for the group's tensors that reach this rank: gathered within the TP group
+    to its first rank, and for experts, one local expert at a time, within the EP group to its first rank (so
+    that rank holds one expert per EP rank besides the stack being assembled)."""
+    local = [m for m in group if m.mcore in tensors]
+    for j, mapping in enumerate(local):
+        full = gather_tp(tensors[mapping.mcore].detach(), mapping, ranks, vocab_rows)
+        if full is None:
+            continue  # not the first rank of this tensor's TP group
+        if mapping.expert is None:
+            yield mapping, full
+            continue
+        pieces = gather_ep([full], ranks)
+        for ep_rank, piece in enumerate(pieces or ()):
+            yield group[ep_rank * len(local) + j], piece
 
 
 def _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent) -> int:
