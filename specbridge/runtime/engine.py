@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class Ranks:
     etp_size: int = 1
     dp_rank: int = 0
     expert_dp_rank: int = 0
+    dp_size: int = 1
 
     @classmethod
     def current(cls) -> "Ranks":
@@ -53,17 +55,25 @@ class Ranks:
         return cls(dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
                    ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
                    ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
-                   ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank())
+                   ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank(),
+                   ps.get_data_parallel_world_size())
 
     def tp_of(self, mapping: ir.Mapping) -> tuple[int, int]:
         return (self.etp_rank, self.etp_size) if mapping.expert is not None else (self.tp_rank, self.tp_size)
 
     def writes(self, mapping: ir.Mapping) -> bool:
-        """The one rank that writes this tensor: TP rank 0 of the first data-parallel replica
-        (for experts: expert-TP rank 0, EP rank 0, first expert-data-parallel replica)."""
+        """The one rank that writes this tensor. Dense tensors: TP rank 0 of one data-parallel replica, chosen per
+        tensor so replicas share the writing. Experts: expert-TP rank 0 of the first expert-data-parallel replica,
+        on the EP rank chosen for the (layer, rule) group."""
         if mapping.expert is not None:
-            return self.etp_rank == 0 and self.ep_rank == 0 and self.expert_dp_rank == 0
-        return self.tp_rank == 0 and self.dp_rank == 0
+            return self.etp_rank == 0 and self.expert_dp_rank == 0 and self.ep_rank == owner(mapping, self.ep_size)
+        return self.tp_rank == 0 and self.dp_rank == owner(mapping, self.dp_size)
+
+
+def owner(mapping: ir.Mapping, size: int) -> int:
+    """A deterministic spread of tensors (expert groups: of (layer, rule)) over `size` ranks."""
+    key = f"{mapping.layer}/{mapping.rule}" if mapping.expert is not None else mapping.mcore
+    return zlib.crc32(key.encode()) % size
 
 
 def local_tensors(chunks: Iterable[torch.nn.Module], ranks: Ranks) -> dict[str, torch.Tensor]:
@@ -270,11 +280,11 @@ def _localized(mapping: ir.Mapping, size: int) -> ir.Mapping:
 # ---------------------------------------------------------------- export
 
 
-def _gather_to_root(local: torch.Tensor, group, size: int) -> list[torch.Tensor] | None:
-    """Every member's tensor, on the group's first rank only (None elsewhere)."""
+def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 0) -> list[torch.Tensor] | None:
+    """Every member's tensor, on one member only (the group's first by default; None elsewhere)."""
     import torch.distributed as dist
 
-    root = dist.get_global_rank(group, 0)
+    root = dist.get_global_rank(group, root_in_group)
     shards = [torch.empty_like(local) for _ in range(size)] if dist.get_rank() == root else None
     dist.gather(local.contiguous(), shards, dst=root, group=group)
     return shards
@@ -297,13 +307,13 @@ def gather_tp(local: torch.Tensor, mapping: ir.Mapping, ranks: Ranks, vocab_rows
     return tp_concat(shards, mapping, vocab_rows if mapping.shard.kind == "vocab" else None)
 
 
-def gather_ep(tensors: list[torch.Tensor], ranks: Ranks) -> list[torch.Tensor] | None:
-    """Every expert of a (layer, rule) group, on the expert-parallel group's first rank (None elsewhere)."""
+def gather_ep(tensors: list[torch.Tensor], ranks: Ranks, root: int = 0) -> list[torch.Tensor] | None:
+    """Every EP rank's tensors, on EP rank `root` (None elsewhere)."""
     if ranks.ep_size == 1:
         return tensors
     from megatron.core import parallel_state as ps
 
-    blocks = _gather_to_root(torch.stack(tensors), ps.get_expert_model_parallel_group(), ranks.ep_size)
+    blocks = _gather_to_root(torch.stack(tensors), ps.get_expert_model_parallel_group(), ranks.ep_size, root)
     return None if blocks is None else [t for block in blocks for t in block.unbind(0)]
 
 
@@ -361,8 +371,8 @@ def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype
 
 def _gathered(group: list[ir.Mapping], tensors: dict, ranks: Ranks, vocab_rows):
     """(mapping, full Megatron tensor) for the group's tensors that reach this rank: gathered within the TP group
-    to its first rank, and for experts, one local expert at a time, within the EP group to its first rank (so
-    that rank holds one expert per EP rank besides the stack being assembled)."""
+    to its first rank, and for experts, one local expert at a time, within the EP group to the group's writing
+    rank (which holds one expert per EP rank besides the stack being assembled)."""
     local = [m for m in group if m.mcore in tensors]
     for j, mapping in enumerate(local):
         full = gather_tp(tensors[mapping.mcore].detach(), mapping, ranks, vocab_rows)
@@ -371,7 +381,7 @@ def _gathered(group: list[ir.Mapping], tensors: dict, ranks: Ranks, vocab_rows):
         if mapping.expert is None:
             yield mapping, full
             continue
-        pieces = gather_ep([full], ranks)
+        pieces = gather_ep([full], ranks, root=owner(mapping, ranks.ep_size))
         for ep_rank, piece in enumerate(pieces or ()):
             yield group[ep_rank * len(local) + j], piece
 
