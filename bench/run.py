@@ -551,7 +551,7 @@ def _fmt_gb(n: float) -> str:
 
 def markdown(results: dict) -> str:
     env = results["environment"]
-    lines = [f"# specbridge benchmark — Gemma 4 26B-A4B geometry",
+    lines = ["# specbridge benchmark — Gemma 4 26B-A4B geometry",
              "",
              f"Measured {results['when']} on {env['machine']} ({env['cpus']} CPUs, {env['ram_gb']:.0f} GiB RAM, no "
              f"GPU); torch {env['torch']}, megatron-core {env['megatron_core']}, transformers {env['transformers']}, "

@@ -22,7 +22,8 @@ import torch
 from . import compiler
 from .compiler import ir
 from .dsl.diagnostics import SpecError
-from .runtime import collectives, engine, manifests
+from .runtime import collectives, exporter, importer, manifests
+from .runtime.placement import Ranks
 from .runtime.build import build_chunks
 from .runtime.ops import ConversionError
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
@@ -122,9 +123,9 @@ class Converter:
         (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split)."""
         return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
 
-    def import_weights(self, chunks, hf_dir, ranks: engine.Ranks | None = None, progress=None) -> CheckpointReader:
+    def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None) -> CheckpointReader:
         reader = CheckpointReader(hf_dir)
-        engine.import_weights(chunks, self.plan, reader, ranks or engine.Ranks.current(), progress=progress)
+        importer.import_weights(chunks, self.plan, reader, ranks or Ranks.current(), progress=progress)
         return reader
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
@@ -139,10 +140,10 @@ class Converter:
             error = ConversionError(f"output directory '{target}' exists and is not empty")
         collectives.agree(error)
         staging = collectives.shared_staging(target)
-        ranks = engine.Ranks.current()
+        ranks = Ranks.current()
         try:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
-            engine.export_weights(chunks, self.plan, writer.add, ranks, hf_dtype=dtype, check_absent=check_absent,
+            exporter.export_weights(chunks, self.plan, writer.add, ranks, hf_dtype=dtype, check_absent=check_absent,
                                   progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
             if ranks.rank == 0:

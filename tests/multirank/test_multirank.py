@@ -22,7 +22,7 @@ import torch
 
 from specbridge.api import Converter
 from specbridge.runtime import mcore_checkpoint
-from specbridge.runtime.engine import Ranks, local_tensors
+from specbridge.runtime.placement import Ranks, local_tensors
 from specbridge.verify import compare_checkpoints, megatron_logits
 from tests.support import save_tiny
 
@@ -49,7 +49,7 @@ READS_WHOLE_GROUPS = {"gemma4_tp2"}
 
 def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -27,7 +27,7 @@ def main() -> None:
 
     from specbridge.api import Converter
     from specbridge.runtime import mcore_checkpoint
-    from specbridge.runtime.engine import Ranks, local_tensors
+    from specbridge.runtime.placement import Ranks, local_tensors
     from specbridge.runtime.parallel import init_parallel
     from specbridge.verify import pipeline_logits
 

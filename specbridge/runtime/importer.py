@@ -1,92 +1,26 @@
-"""Executing a checked `Plan` on Megatron model chunks: import (HF -> Megatron) and export (Megatron -> HF).
+"""Import (HF -> Megatron): fill every local tensor of this rank's model chunks from an HF checkpoint.
 
-Import: every local tensor of every model chunk on this rank is filled by exactly one mapping. A rank reads only
-the bytes it owns: for a tensor-parallel tensor, the row ranges of each HF part that make up its slice of the
-sharded axis (whole query groups for QKV, `[gate_r; up_r]` for GLU fc1, a vocab row range), for an
-expert-parallel rank only its experts, for a pipeline stage only its layers. Problems found before reading (a
-local tensor no rule fills, a missing or unknown key, an axis that does not divide by TP) and while reading are
-agreed on by all ranks, so every rank ends with the same error naming key, rule and rank.
-
-Export: mappings are walked in the plan's order, experts of one (layer, rule) as one group. A tensor-parallel
-tensor is gathered only inside its TP group (expert-TP group for experts), experts only inside their EP group;
-one designated rank per tensor converts it and hands the HF tensors to its own shard writer. Fused expert
-tensors are assembled one layer at a time.
+Every local tensor is filled by exactly one mapping. A rank reads only the bytes it owns: for a tensor-parallel
+tensor, the row ranges of each HF part that make up its slice of the sharded axis (whole query groups for QKV,
+`[gate_r; up_r]` for GLU fc1, a vocab row range) or a column range (row-parallel); for an expert-parallel rank
+only its experts; for a pipeline stage only its layers. Problems found before reading (a local tensor no rule
+fills, a missing or unknown key, an axis that does not divide by TP) and while reading are agreed on by all
+ranks, so every rank ends with the same error naming key, rule and rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import zlib
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 
 from ..compiler import ir
 from ..compiler.layouts import dim_of_axis, infer_sizes
 from .collectives import agree
-from .naming import TIED_OUTPUT, local_to_global, named_tensors
-from .ops import ConversionError, below_tp, run_export, run_import, tp_concat, tp_slice
-
-
-@dataclass(frozen=True, slots=True)
-class Ranks:
-    """The slice of the parallel layout the engine needs (all 0/1 in a single process)."""
-
-    rank: int = 0
-    tp_rank: int = 0
-    tp_size: int = 1
-    ep_rank: int = 0
-    ep_size: int = 1
-    etp_rank: int = 0
-    etp_size: int = 1
-    dp_rank: int = 0
-    expert_dp_rank: int = 0
-    dp_size: int = 1
-
-    @classmethod
-    def current(cls) -> "Ranks":
-        """Read from megatron-core's parallel_state (must be initialised)."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        return cls(dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-                   ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
-                   ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
-                   ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank(),
-                   ps.get_data_parallel_world_size())
-
-    def tp_of(self, mapping: ir.Mapping) -> tuple[int, int]:
-        return (self.etp_rank, self.etp_size) if mapping.expert is not None else (self.tp_rank, self.tp_size)
-
-    def writes(self, mapping: ir.Mapping) -> bool:
-        """The one rank that writes this tensor. Dense tensors: TP rank 0 of one data-parallel replica, chosen per
-        tensor so replicas share the writing. Experts: expert-TP rank 0 of the first expert-data-parallel replica,
-        on the EP rank chosen for the (layer, rule) group."""
-        if mapping.expert is not None:
-            return self.etp_rank == 0 and self.expert_dp_rank == 0 and self.ep_rank == owner(mapping, self.ep_size)
-        return self.tp_rank == 0 and self.dp_rank == owner(mapping, self.dp_size)
-
-
-def owner(mapping: ir.Mapping, size: int) -> int:
-    """A deterministic spread of tensors (expert groups: of (layer, rule)) over `size` ranks."""
-    key = f"{mapping.layer}/{mapping.rule}" if mapping.expert is not None else mapping.mcore
-    return zlib.crc32(key.encode()) % size
-
-
-def local_tensors(chunks: Iterable[torch.nn.Module], ranks: Ranks) -> dict[str, torch.Tensor]:
-    """Global Megatron name -> this rank's tensor, over every model chunk (virtual pipeline stages)."""
-    out = {}
-    for chunk in chunks:
-        names = local_to_global(chunk, ranks.ep_rank)
-        for local, tensor in named_tensors(chunk).items():
-            out[names[local]] = tensor
-    return out
-
-
-# ---------------------------------------------------------------- import
+from .naming import TIED_OUTPUT
+from .ops import ConversionError, below_tp, run_import, tp_slice
+from .placement import Ranks, local_tensors
 
 
 def verify_checkpoint_keys(plan: ir.Plan, available: set[str]) -> None:
@@ -275,126 +209,3 @@ def _localized(mapping: ir.Mapping, size: int) -> ir.Mapping:
                                                              for k, v in mapping.layout.sizes))
     program = tuple(ir.Fuse(layout) if isinstance(op, ir.Fuse) else op for op in mapping.hf_to_mcore)
     return dataclasses.replace(mapping, hf_to_mcore=program)
-
-
-# ---------------------------------------------------------------- export
-
-
-def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 0) -> list[torch.Tensor] | None:
-    """Every member's tensor, on one member only (the group's first by default; None elsewhere)."""
-    import torch.distributed as dist
-
-    root = dist.get_global_rank(group, root_in_group)
-    shards = [torch.empty_like(local) for _ in range(size)] if dist.get_rank() == root else None
-    dist.gather(local.contiguous(), shards, dst=root, group=group)
-    return shards
-
-
-def gather_tp(local: torch.Tensor, mapping: ir.Mapping, ranks: Ranks, vocab_rows: int | None):
-    """The full tensor on the TP group's first rank (expert-TP group for experts), None on the others: gathered
-    only within the tensor's own group, and only to the rank that converts it."""
-    rank, size = ranks.tp_of(mapping)
-    if size == 1 or mapping.shard.kind == "replicated":
-        shards = [local] if rank == 0 else None
-    else:
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_expert_tensor_parallel_group() if mapping.expert is not None else \
-            ps.get_tensor_model_parallel_group()
-        shards = _gather_to_root(local, group, size)
-    if shards is None:
-        return None
-    return tp_concat(shards, mapping, vocab_rows if mapping.shard.kind == "vocab" else None)
-
-
-def gather_ep(tensors: list[torch.Tensor], ranks: Ranks, root: int = 0) -> list[torch.Tensor] | None:
-    """Every EP rank's tensors, on EP rank `root` (None elsewhere)."""
-    if ranks.ep_size == 1:
-        return tensors
-    from megatron.core import parallel_state as ps
-
-    blocks = _gather_to_root(torch.stack(tensors), ps.get_expert_model_parallel_group(), ranks.ep_size, root)
-    return None if blocks is None else [t for block in blocks for t in block.unbind(0)]
-
-
-def export_groups(plan: ir.Plan):
-    """The plan's mappings in order, the experts of one (layer, rule) together."""
-    for _, group in itertools.groupby(plan.mappings, key=lambda m: (m.layer, m.rule, m.expert is None and m.mcore)):
-        yield list(group)
-
-
-class _Stacks:
-    """Assembles stacked HF tensors slice by slice into one preallocated tensor; hands it over when complete."""
-
-    def __init__(self, plan: ir.Plan):
-        self.lengths = dict(plan.stacks)
-        self.stacks: dict[str, torch.Tensor] = {}
-        self.filled: dict[str, set[int]] = {}
-
-    def add(self, key: str, index: int, tensor: torch.Tensor):
-        if key not in self.stacks:
-            self.stacks[key] = tensor.new_empty((self.lengths[key], *tensor.shape))
-            self.filled[key] = set()
-        self.stacks[key][index].copy_(tensor)
-        self.filled[key].add(index)
-        if len(self.filled[key]) == self.lengths[key]:
-            del self.filled[key]
-            return self.stacks.pop(key)
-        return None
-
-
-def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype: torch.dtype | None = None,
-                   check_absent: bool = True, progress=None) -> int:
-    """Convert every mapping whose Megatron tensor lives on this rank; `emit(key, tensor)` receives each HF tensor
-    on its designated rank. Errors are agreed on by all ranks at the end (no rank is left waiting in a gather).
-    Returns the number of HF tensors this rank emitted."""
-    tensors = local_tensors(chunks, ranks)
-    vocab_rows = plan.model_kwargs().get("vocab_size")
-    stacks = _Stacks(plan)
-    emitted, error = 0, None
-    with torch.no_grad():
-        for group in export_groups(plan):
-            for mapping, full in _gathered(group, tensors, ranks, vocab_rows):
-                if error is not None or not ranks.writes(mapping):
-                    continue
-                try:
-                    emitted += _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent)
-                except ConversionError as exc:
-                    error = ConversionError(str(exc).split(" [")[0], key=exc.key, rule=exc.rule, rank=ranks.rank)
-            if progress is not None:
-                progress(len(group))
-    if error is None and stacks.stacks:
-        error = ConversionError(f"stacked tensors incomplete after export: {sorted(stacks.stacks)}", rank=ranks.rank)
-    agree(error)
-    return emitted
-
-
-def _gathered(group: list[ir.Mapping], tensors: dict, ranks: Ranks, vocab_rows):
-    """(mapping, full Megatron tensor) for the group's tensors that reach this rank: gathered within the TP group
-    to its first rank, and for experts, one local expert at a time, within the EP group to the group's writing
-    rank (which holds one expert per EP rank besides the stack being assembled)."""
-    local = [m for m in group if m.mcore in tensors]
-    for j, mapping in enumerate(local):
-        full = gather_tp(tensors[mapping.mcore].detach(), mapping, ranks, vocab_rows)
-        if full is None:
-            continue  # not the first rank of this tensor's TP group
-        if mapping.expert is None:
-            yield mapping, full
-            continue
-        pieces = gather_ep([full], ranks, root=owner(mapping, ranks.ep_size))
-        for ep_rank, piece in enumerate(pieces or ()):
-            yield group[ep_rank * len(local) + j], piece
-
-
-def _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent) -> int:
-    parts = run_export(mapping, full, read=lambda k: tensors[k], hf_dtype=hf_dtype, check_absent=check_absent)
-    count = 0
-    for source in mapping.sources:
-        tensor = parts[source.part].to(hf_dtype) if hf_dtype is not None else parts[source.part]
-        if source.index is not None:
-            tensor = stacks.add(source.key, source.index, tensor)
-            if tensor is None:
-                continue
-        emit(source.key, tensor, owned=source.index is not None)
-        count += 1
-    return count

@@ -1,0 +1,139 @@
+"""Export (Megatron -> HF): convert this rank's tensors back and hand each HF tensor to one writer.
+
+Mappings are walked in the plan's order, the experts of one (layer, rule) as one group. A tensor-parallel tensor
+is gathered only inside its TP group (expert-TP group for experts), to that group's first rank; experts one local
+expert at a time inside their EP group, to the EP rank that writes the group. One designated rank per tensor
+converts it (derived program: split, absent-part checks, casts) and hands the HF tensors to its own shard
+writer; fused expert tensors are assembled in place one layer at a time. Errors are agreed on by all ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..compiler import ir
+from .collectives import agree
+from .ops import ConversionError, run_export, tp_concat
+from .placement import Ranks, local_tensors, owner
+
+
+def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 0) -> list[torch.Tensor] | None:
+    """Every member's tensor, on one member only (the group's first by default; None elsewhere)."""
+    import torch.distributed as dist
+
+    root = dist.get_global_rank(group, root_in_group)
+    shards = [torch.empty_like(local) for _ in range(size)] if dist.get_rank() == root else None
+    dist.gather(local.contiguous(), shards, dst=root, group=group)
+    return shards
+
+
+def gather_tp(local: torch.Tensor, mapping: ir.Mapping, ranks: Ranks, vocab_rows: int | None):
+    """The full tensor on the TP group's first rank (expert-TP group for experts), None on the others: gathered
+    only within the tensor's own group, and only to the rank that converts it."""
+    rank, size = ranks.tp_of(mapping)
+    if size == 1 or mapping.shard.kind == "replicated":
+        shards = [local] if rank == 0 else None
+    else:
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_expert_tensor_parallel_group() if mapping.expert is not None else \
+            ps.get_tensor_model_parallel_group()
+        shards = _gather_to_root(local, group, size)
+    if shards is None:
+        return None
+    return tp_concat(shards, mapping, vocab_rows if mapping.shard.kind == "vocab" else None)
+
+
+def gather_ep(tensors: list[torch.Tensor], ranks: Ranks, root: int = 0) -> list[torch.Tensor] | None:
+    """Every EP rank's tensors, on EP rank `root` (None elsewhere)."""
+    if ranks.ep_size == 1:
+        return tensors
+    from megatron.core import parallel_state as ps
+
+    blocks = _gather_to_root(torch.stack(tensors), ps.get_expert_model_parallel_group(), ranks.ep_size, root)
+    return None if blocks is None else [t for block in blocks for t in block.unbind(0)]
+
+
+def export_groups(plan: ir.Plan):
+    """The plan's mappings in order, the experts of one (layer, rule) together."""
+    for _, group in itertools.groupby(plan.mappings, key=lambda m: (m.layer, m.rule, m.expert is None and m.mcore)):
+        yield list(group)
+
+
+class _Stacks:
+    """Assembles stacked HF tensors slice by slice into one preallocated tensor; hands it over when complete."""
+
+    def __init__(self, plan: ir.Plan):
+        self.lengths = dict(plan.stacks)
+        self.stacks: dict[str, torch.Tensor] = {}
+        self.filled: dict[str, set[int]] = {}
+
+    def add(self, key: str, index: int, tensor: torch.Tensor):
+        if key not in self.stacks:
+            self.stacks[key] = tensor.new_empty((self.lengths[key], *tensor.shape))
+            self.filled[key] = set()
+        self.stacks[key][index].copy_(tensor)
+        self.filled[key].add(index)
+        if len(self.filled[key]) == self.lengths[key]:
+            del self.filled[key]
+            return self.stacks.pop(key)
+        return None
+
+
+def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype: torch.dtype | None = None,
+                   check_absent: bool = True, progress=None) -> int:
+    """Convert every mapping whose Megatron tensor lives on this rank; `emit(key, tensor)` receives each HF tensor
+    on its designated rank. Errors are agreed on by all ranks at the end (no rank is left waiting in a gather).
+    Returns the number of HF tensors this rank emitted."""
+    tensors = local_tensors(chunks, ranks)
+    vocab_rows = plan.model_kwargs().get("vocab_size")
+    stacks = _Stacks(plan)
+    emitted, error = 0, None
+    with torch.no_grad():
+        for group in export_groups(plan):
+            for mapping, full in _gathered(group, tensors, ranks, vocab_rows):
+                if error is not None or not ranks.writes(mapping):
+                    continue
+                try:
+                    emitted += _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent)
+                except ConversionError as exc:
+                    error = ConversionError(str(exc).split(" [")[0], key=exc.key, rule=exc.rule, rank=ranks.rank)
+            if progress is not None:
+                progress(len(group))
+    if error is None and stacks.stacks:
+        error = ConversionError(f"stacked tensors incomplete after export: {sorted(stacks.stacks)}", rank=ranks.rank)
+    agree(error)
+    return emitted
+
+
+def _gathered(group: list[ir.Mapping], tensors: dict, ranks: Ranks, vocab_rows):
+    """(mapping, full Megatron tensor) for the group's tensors that reach this rank: gathered within the TP group
+    to its first rank, and for experts, one local expert at a time, within the EP group to the group's writing
+    rank (which holds one expert per EP rank besides the stack being assembled)."""
+    local = [m for m in group if m.mcore in tensors]
+    for j, mapping in enumerate(local):
+        full = gather_tp(tensors[mapping.mcore].detach(), mapping, ranks, vocab_rows)
+        if full is None:
+            continue  # not the first rank of this tensor's TP group
+        if mapping.expert is None:
+            yield mapping, full
+            continue
+        pieces = gather_ep([full], ranks, root=owner(mapping, ranks.ep_size))
+        for ep_rank, piece in enumerate(pieces or ()):
+            yield group[ep_rank * len(local) + j], piece
+
+
+def _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent) -> int:
+    parts = run_export(mapping, full, read=lambda k: tensors[k], hf_dtype=hf_dtype, check_absent=check_absent)
+    count = 0
+    for source in mapping.sources:
+        tensor = parts[source.part].to(hf_dtype) if hf_dtype is not None else parts[source.part]
+        if source.index is not None:
+            tensor = stacks.add(source.key, source.index, tensor)
+            if tensor is None:
+                continue
+        emit(source.key, tensor, owned=source.index is not None)
+        count += 1
+    return count
