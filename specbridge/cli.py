@@ -24,6 +24,10 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+DEMO_FAMILIES = ("llama", "llama_tied", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_unnormed", "gemma4_moe",
+                 "gemma4_dense")  # specbridge.demo.FAMILIES (tests/test_cli.py keeps the two equal)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specbridge", description="Proved-correct weight conversion between "
                                      "Hugging Face Transformers and Megatron-Core.")
@@ -79,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-cosine", type=float, default=0.99999)
     p.add_argument("--seq-len", type=int, default=32)
     p = sub.add_parser("demo", help="convert an embedded tiny model HF -> Megatron -> HF and prove it")
-    p.add_argument("--family", default="qwen3_moe", help="llama, qwen3 or qwen3_moe")
+    p.add_argument("--family", default="qwen3_moe", choices=DEMO_FAMILIES, help="the embedded tiny model")
     return parser
 
 

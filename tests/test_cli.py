@@ -46,3 +46,10 @@ def test_errors_exit_2_without_traceback(tmp_path, parallel, capsys):
     assert "bad.yaml:6:" in err and "^" in err and "Traceback" not in err
     assert main(["roundtrip", str(tmp_path / "nowhere")]) == 2
     assert "does not exist or has no config.json" in capsys.readouterr().err
+
+
+def test_demo_families_listed():
+    from specbridge.cli import DEMO_FAMILIES
+    from specbridge.demo import FAMILIES
+
+    assert set(DEMO_FAMILIES) == set(FAMILIES)
