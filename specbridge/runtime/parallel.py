@@ -36,6 +36,7 @@ class Topology:
     dp_rank: int
     dp_size: int
     vpp_size: int
+    expert_dp_rank: int = 0
 
 
 def _free_port() -> int:
@@ -129,4 +130,5 @@ def current_topology() -> Topology:
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
         vpp_size=ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
     )

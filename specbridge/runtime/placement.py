@@ -35,14 +35,11 @@ class Ranks:
     @classmethod
     def current(cls) -> "Ranks":
         """Read from megatron-core's parallel_state (must be initialised)."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
+        from .parallel import current_topology
 
-        return cls(dist.get_rank(), ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-                   ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
-                   ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
-                   ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank(),
-                   ps.get_data_parallel_world_size())
+        t = current_topology()
+        return cls(t.rank, t.tp_rank, t.tp_size, t.ep_rank, t.ep_size, t.etp_rank, t.etp_size, t.dp_rank,
+                   t.expert_dp_rank, t.dp_size)
 
     def tp_of(self, mapping: ir.Mapping) -> tuple[int, int]:
         return (self.etp_rank, self.etp_size) if mapping.expert is not None else (self.tp_rank, self.tp_size)
