@@ -143,7 +143,7 @@ class Converter:
         ranks = Ranks.current()
         try:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
-            exporter.export_weights(chunks, self.plan, writer.add, ranks, hf_dtype=dtype, check_absent=check_absent,
+            exporter.export_weights(chunks, self.plan, writer, ranks, hf_dtype=dtype, check_absent=check_absent,
                                   progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
             if ranks.rank == 0:

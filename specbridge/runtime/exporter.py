@@ -62,34 +62,15 @@ def export_groups(plan: ir.Plan):
         yield list(group)
 
 
-class _Stacks:
-    """Assembles stacked HF tensors slice by slice into one preallocated tensor; hands it over when complete."""
-
-    def __init__(self, plan: ir.Plan):
-        self.lengths = dict(plan.stacks)
-        self.stacks: dict[str, torch.Tensor] = {}
-        self.filled: dict[str, set[int]] = {}
-
-    def add(self, key: str, index: int, tensor: torch.Tensor):
-        if key not in self.stacks:
-            self.stacks[key] = tensor.new_empty((self.lengths[key], *tensor.shape))
-            self.filled[key] = set()
-        self.stacks[key][index].copy_(tensor)
-        self.filled[key].add(index)
-        if len(self.filled[key]) == self.lengths[key]:
-            del self.filled[key]
-            return self.stacks.pop(key)
-        return None
-
-
-def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype: torch.dtype | None = None,
+def export_weights(chunks, plan: ir.Plan, sink, ranks: Ranks = Ranks(), hf_dtype: torch.dtype | None = None,
                    check_absent: bool = True, progress=None) -> int:
-    """Convert every mapping whose Megatron tensor lives on this rank; `emit(key, tensor)` receives each HF tensor
-    on its designated rank. Errors are agreed on by all ranks at the end (no rank is left waiting in a gather).
-    Returns the number of HF tensors this rank emitted."""
+    """Convert every mapping whose Megatron tensor lives on this rank; on its designated rank each HF tensor goes to
+    `sink.add(key, tensor, owned)`, each slice of a stacked HF tensor to `sink.add_slice(key, index, length,
+    tensor)` (a `CheckpointWriter`). Errors are agreed on by all ranks at the end (no rank is left waiting in a
+    gather). Returns the number of HF tensors this rank completed."""
     tensors = local_tensors(chunks, ranks)
     vocab_rows = plan.model_kwargs().get("vocab_size")
-    stacks = _Stacks(plan)
+    lengths = dict(plan.stacks)
     emitted, error = 0, None
     with torch.no_grad():
         for group in export_groups(plan):
@@ -97,13 +78,13 @@ def export_weights(chunks, plan: ir.Plan, emit, ranks: Ranks = Ranks(), hf_dtype
                 if error is not None or not ranks.writes(mapping):
                     continue
                 try:
-                    emitted += _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent)
+                    emitted += _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent)
                 except ConversionError as exc:
                     error = ConversionError(str(exc).split(" [")[0], key=exc.key, rule=exc.rule, rank=ranks.rank)
             if progress is not None:
                 progress(len(group))
-    if error is None and stacks.stacks:
-        error = ConversionError(f"stacked tensors incomplete after export: {sorted(stacks.stacks)}", rank=ranks.rank)
+    if error is None and sink.open_stacks():
+        error = ConversionError(f"stacked tensors incomplete after export: {sink.open_stacks()}", rank=ranks.rank)
     agree(error)
     return emitted
 
@@ -125,15 +106,17 @@ def _gathered(group: list[ir.Mapping], tensors: dict, ranks: Ranks, vocab_rows):
             yield group[ep_rank * len(local) + j], piece
 
 
-def _emit(mapping, full, tensors, stacks, emit, hf_dtype, check_absent) -> int:
+def _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent) -> int:
+    """Run the derived program on one full Megatron tensor and hand its HF tensors to the sink."""
     parts = run_export(mapping, full, read=lambda k: tensors[k], hf_dtype=hf_dtype, check_absent=check_absent)
+    local = tensors.get(mapping.mcore)  # None for an expert gathered from another EP rank
     count = 0
     for source in mapping.sources:
         tensor = parts[source.part].to(hf_dtype) if hf_dtype is not None else parts[source.part]
         if source.index is not None:
-            tensor = stacks.add(source.key, source.index, tensor)
-            if tensor is None:
-                continue
-        emit(source.key, tensor, owned=source.index is not None)
+            count += sink.add_slice(source.key, source.index, lengths[source.key], tensor)
+            continue
+        owned = local is None or tensor.untyped_storage().data_ptr() != local.untyped_storage().data_ptr()
+        sink.add(source.key, tensor, owned=owned)
         count += 1
     return count

@@ -12,6 +12,7 @@ output only when every rank succeeded, so no half-written output is left behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -107,30 +108,74 @@ _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F1
                 torch.bool: "BOOL"}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors file written straight from the tensors' memory (no serialised copy of the data)."""
+def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The safetensors header (length prefix + JSON, padded to 8 bytes) for tensors laid out in this order."""
     header, offset = {"__metadata__": metadata}, 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                       "data_offsets": [offset, offset + nbytes]}
+    for key, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def _raw(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written straight from the tensors' memory (no serialised copy of the data)."""
     with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
+        f.write(_header([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata))
         for tensor in tensors.values():
             if tensor.numel():
-                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                f.write(_raw(tensor))
+
+
+class _FileStack:
+    """A large stacked tensor written slice by slice, in place, into a shard file of its own."""
+
+    def __init__(self, path: Path, key: str, length: int, first: torch.Tensor):
+        self.length, self.filled = length, set()
+        self.slice_bytes = first.numel() * first.element_size()
+        header = _header([(key, first.dtype, (length, *first.shape))], {"format": "pt"})
+        self.data_start = len(header)
+        self.file = open(path, "wb")
+        self.file.write(header)
+        self.file.truncate(self.data_start + length * self.slice_bytes)
+
+    def write(self, index: int, tensor: torch.Tensor) -> bool:
+        self.file.seek(self.data_start + index * self.slice_bytes)
+        self.file.write(_raw(tensor))
+        self.filled.add(index)
+        if len(self.filled) < self.length:
+            return False
+        self.file.close()
+        return True
+
+
+class _MemoryStack:
+    """A small stacked tensor assembled in one preallocated tensor."""
+
+    def __init__(self, length: int, first: torch.Tensor):
+        self.tensor = first.new_empty((length, *first.shape))
+        self.length, self.filled = length, set()
+
+    def write(self, index: int, tensor: torch.Tensor) -> bool:
+        self.tensor[index].copy_(tensor)
+        self.filled.add(index)
+        return len(self.filled) == self.length
 
 
 class CheckpointWriter:
     """Writes tensors into size-bounded shards inside a staging directory, without copying their data.
 
-    Tensors handed in as `owned` (built for the export, e.g. stacked experts) end the current shard once they add
-    up to `max_owned_bytes`, so at most about one large one is held; other tensors are the model's own memory.
-    In a distributed export each writing rank passes its own `shard_prefix`.
+    Tensors handed in as `owned` (built for the export: split parts, gathered or cast tensors) end the current
+    shard once they add up to `max_owned_bytes`; other tensors are the model's own memory. The slices of a stacked
+    tensor (fused experts) of `max_owned_bytes` or more are written in place into a shard of their own as they
+    arrive, so a large stack is never assembled in memory; smaller stacks are assembled in one preallocated tensor
+    and then added as owned. In a distributed export each writing rank passes its own `shard_prefix`.
     """
 
     def __init__(self, staging: str | Path, max_shard_bytes: int = 2 << 30, shard_prefix: str = "model",
@@ -145,10 +190,19 @@ class CheckpointWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._files: list[str] = []
+        self._stacks: dict[str, tuple[str | None, _FileStack | _MemoryStack]] = {}
 
-    def add(self, key: str, tensor: torch.Tensor, owned: bool = False) -> None:
+    def _next_name(self) -> str:
+        name = f"{self.shard_prefix}-part{len(self._files):05d}.safetensors"
+        self._files.append(name)
+        return name
+
+    def _check_new(self, key: str) -> None:
         if key in self.weight_map or key in self._pending:
             raise ConversionError(f"tensor '{key}' written twice", key=key)
+
+    def add(self, key: str, tensor: torch.Tensor, owned: bool = False) -> None:
+        self._check_new(key)
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
@@ -159,12 +213,34 @@ class CheckpointWriter:
         if self._owned_bytes >= self.max_owned_bytes:
             self.flush()
 
+    def add_slice(self, key: str, index: int, length: int, tensor: torch.Tensor) -> bool:
+        """Slice `index` of the stacked tensor `key` ([length, *tensor.shape]); True once the stack is complete."""
+        if key not in self._stacks:
+            self._check_new(key)
+            if length * tensor.numel() * tensor.element_size() >= self.max_owned_bytes:
+                name = self._next_name()
+                self._stacks[key] = (name, _FileStack(self.staging / name, key, length, tensor))
+            else:
+                self._stacks[key] = (None, _MemoryStack(length, tensor))
+        name, stack = self._stacks[key]
+        if not stack.write(index, tensor.detach()):
+            return False
+        del self._stacks[key]
+        if name is None:
+            self.add(key, stack.tensor, owned=True)
+        else:
+            self.weight_map[key] = name
+            self.total_bytes += length * stack.slice_bytes
+        return True
+
+    def open_stacks(self) -> list[str]:
+        return sorted(self._stacks)
+
     def flush(self) -> None:
         if not self._pending:
             return
-        name = f"{self.shard_prefix}-part{len(self._files):05d}.safetensors"
+        name = self._next_name()
         write_safetensors(self.staging / name, self._pending, {"format": "pt"})
-        self._files.append(name)
         self.weight_map.update({k: name for k in self._pending})
         self._pending, self._pending_bytes, self._owned_bytes = {}, 0, 0
 
