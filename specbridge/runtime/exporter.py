@@ -4,7 +4,7 @@ Mappings are walked in the plan's order, the experts of one (layer, rule) as one
 is gathered only inside its TP group (expert-TP group for experts), to that group's first rank; experts one local
 expert at a time inside their EP group, to the EP rank that writes the group. One designated rank per tensor
 converts it (derived program: split, absent-part checks, casts) and hands the HF tensors to its own shard
-writer; fused expert tensors are assembled in place one layer at a time. Errors are agreed on by all ranks.
+writer; slices of fused expert tensors are written in place as they arrive. Errors are agreed on by all ranks.
 """
 
 from __future__ import annotations
