@@ -133,31 +133,21 @@ class Converter:
         """Write an HF checkpoint (safetensors + config.json), from all ranks at once when distributed: each
         writing rank writes its own shard files, rank 0 the index and config; all into one staging directory
         that becomes `out_dir` only when every rank succeeded."""
-        dtype = dtype or _config_dtype(self.hf_config)
-        target = Path(out_dir)
-        error = None
-        if target.exists() and any(target.iterdir()) and not overwrite:
-            error = ConversionError(f"output directory '{target}' exists and is not empty")
-        collectives.agree(error)
-        staging = collectives.shared_staging(target)
+        dtype = dtype or config_dtype(self.hf_config)
         ranks = Ranks.current()
-        try:
+        with collectives.staged_output(out_dir, overwrite) as staging:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
             exporter.export_weights(chunks, self.plan, writer, ranks, hf_dtype=dtype, check_absent=check_absent,
-                                  progress=progress)
+                                    progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
             if ranks.rank == 0:
                 weight_map = {k: f for m, _ in maps for k, f in m.items()}
                 finalize(staging, weight_map, sum(total for _, total in maps))
                 write_hf_config(self, chunks, staging, dtype)
-        except BaseException:
-            collectives.abandon_staging(staging)
-            raise
-        collectives.commit_staging(staging, target)
-        return target
+        return Path(out_dir)
 
 
-def _config_dtype(hf_config) -> torch.dtype | None:
+def config_dtype(hf_config) -> torch.dtype | None:
     dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(dtype, str):
         return getattr(torch, dtype, None)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .api import Converter, _config_dtype
+from .api import Converter, config_dtype
 from .runtime import collectives
 from .runtime.safetensors_io import CheckpointReader
 
@@ -64,7 +64,7 @@ def roundtrip(hf_dir: str | Path, out_dir: str | Path | None = None, spec=None, 
 
 def _storage_dtype(conv: Converter) -> torch.dtype:
     """The dtype the checkpoint's config declares (a Megatron model in it round-trips exactly); fp32 if none."""
-    return _config_dtype(conv.hf_config) or torch.float32
+    return config_dtype(conv.hf_config) or torch.float32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ all ranks one temporary directory beside `target` that rank 0 later renames into
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from pathlib import Path
@@ -76,3 +77,21 @@ def abandon_staging(staging: Path) -> None:
     wait for the others (they end with it, at the next collective or when the launcher stops them)."""
     if world()[0] == 0:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(target: str | Path, overwrite: bool = False, error_type: type[Exception] = ConversionError):
+    """`with staged_output(out) as staging:` every rank writes into `staging`; it becomes `out` only when every
+    rank got through the block, and is removed otherwise. A non-empty `out` is refused on every rank first."""
+    target = Path(target)
+    error = None
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        error = error_type(f"output directory '{target}' exists and is not empty")
+    agree(error)
+    staging = shared_staging(target)
+    try:
+        yield staging
+    except BaseException:
+        abandon_staging(staging)
+        raise
+    commit_staging(staging, target)

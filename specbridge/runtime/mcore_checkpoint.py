@@ -26,21 +26,11 @@ def _sharded_state_dict(chunks) -> dict:
 def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False) -> Path:
     from megatron.core import dist_checkpointing
 
-    target = Path(target)
-    error = None
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        error = FileExistsError(f"output directory '{target}' exists and is not empty")
-    collectives.agree(error)
-    staging = collectives.shared_staging(target)
-    try:
+    with collectives.staged_output(target, overwrite, error_type=FileExistsError) as staging:
         dist_checkpointing.save(_sharded_state_dict(chunks), str(staging))
         if collectives.world()[0] == 0:
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-    except BaseException:
-        collectives.abandon_staging(staging)
-        raise
-    collectives.commit_staging(staging, target)
-    return target
+    return Path(target)
 
 
 def read_metadata(directory: str | Path) -> dict:

@@ -5,7 +5,7 @@ Reader: opens `model.safetensors.index.json` (or every `*.safetensors` file), me
 bytes it reads (the multi-rank runtime proves each rank reads only its share).
 
 Writer: tensors are added one at a time and flushed to shard files when a shard is full, so the whole model is
-never held at once. It writes into a staging directory (see `collectives.shared_staging`) that becomes the
+never held at once. It writes into a staging directory (see `collectives.staged_output`) that becomes the
 output only when every rank succeeded, so no half-written output is left behind.
 """
 
