@@ -21,11 +21,10 @@ import torch
 
 from . import compiler
 from .compiler import ir
-from .dsl.diagnostics import SpecError
+from .errors import ConversionError, SpecError, UsageError
 from .runtime import collectives, exporter, importer, manifests
 from .runtime.placement import Ranks
 from .runtime.build import build_chunks
-from .runtime.ops import ConversionError
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
 
 SPEC_DIR = Path(str(resources.files("specbridge.specs")))
@@ -40,14 +39,14 @@ def spec_for_architecture(architecture: str) -> Path:
         spec = compiler.load(path)
         if any(a.name == architecture for a in spec.architectures):
             return path
-    raise ValueError(f"no built-in spec serves architecture '{architecture}' "
+    raise UsageError(f"no built-in spec serves architecture '{architecture}' "
                      f"(built-in specs: {', '.join(builtin_specs())}); pass --spec")
 
 
 def resolve_spec_path(spec: str | Path | None, architecture: str | None) -> Path:
     if spec is None:
         if architecture is None:
-            raise ValueError("config.json names no architecture; pass --spec")
+            raise UsageError("config.json names no architecture; pass --spec")
         return spec_for_architecture(architecture)
     builtin = builtin_specs()
     return builtin[str(spec)] if str(spec) in builtin else Path(spec)
@@ -62,7 +61,7 @@ def load_hf_config(source):
     path = Path(source)
     directory = path.parent if path.is_file() else path
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"'{path}' does not exist or has no config.json")
+        raise UsageError(f"'{path}' does not exist or has no config.json")
     return AutoConfig.from_pretrained(str(directory))
 
 

@@ -89,15 +89,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .dsl.diagnostics import SpecError
-    from .runtime.ops import ConversionError
+    from .errors import SpecbridgeError, SpecError
 
     try:
         return COMMANDS[args.command](args)
-    except SpecError as exc:
+    except SpecError as exc:  # a user's mistake: one clean report, exit 2; anything else is a bug (traceback)
         print(exc.render(), file=sys.stderr)
         return 2
-    except (ConversionError, OSError, ValueError, KeyError) as exc:
+    except SpecbridgeError as exc:
         print(f"specbridge {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .api import Converter, config_dtype
+from .errors import ConversionError
 from .runtime import collectives
 from .runtime.safetensors_io import CheckpointReader
 
@@ -91,7 +92,7 @@ def hf_model(hf_dir, architecture: str):
     model, info = cls.from_pretrained(str(hf_dir), dtype=torch.float32, output_loading_info=True)
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
-        raise ValueError(f"{architecture}.from_pretrained('{hf_dir}') did not load the checkpoint cleanly: {bad}")
+        raise ConversionError(f"{architecture}.from_pretrained('{hf_dir}') did not load the checkpoint cleanly: {bad}")
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import UsageError
 from . import ir
 
 
@@ -54,5 +55,5 @@ def explain(plan: ir.Plan, name: str, source: str = "") -> str:
         if s.key == name:
             lines.append(f"rule at {s.span}: {s.side} tensor '{s.key}' is {s.kind}: {s.reason}")
     if not lines:
-        raise KeyError(f"'{name}' is neither produced nor consumed by spec '{plan.spec}' for this config")
+        raise UsageError(f"'{name}' is neither produced nor consumed by spec '{plan.spec}' for this config")
     return "\n".join(lines)

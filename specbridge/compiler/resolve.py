@@ -15,6 +15,7 @@ from ..dsl.diagnostics import DiagnosticSink, Span
 from ..dsl.expressions import parse as parse_text
 from ..dsl.yaml_source import Located
 from . import ir
+from ..errors import UsageError
 from .evaluate import MISSING, EvalError, Scope, config_value, evaluate
 from .validate import captures_of
 
@@ -30,7 +31,7 @@ def select_architecture(spec: ast.Spec, hf_config, architecture: str | None) -> 
             return arch
     if architecture is None and wanted is None and spec.architectures:
         return spec.architectures[0]
-    raise ValueError(f"spec '{spec.name}' does not serve architecture {wanted!r} (it serves: {', '.join(names)})")
+    raise UsageError(f"spec '{spec.name}' does not serve architecture {wanted!r} (it serves: {', '.join(names)})")
 
 
 def text_config(hf_config, arch: ast.Architecture):
@@ -46,7 +47,7 @@ def resolve(spec: ast.Spec, hf_config, architecture: str | None = None, fmt: str
     arch = select_architecture(spec, hf_config, architecture)
     fmt = fmt or spec.formats[0]
     if fmt not in spec.formats:
-        raise ValueError(f"spec '{spec.name}' has no HF format '{fmt}' (formats: {', '.join(spec.formats)})")
+        raise UsageError(f"spec '{spec.name}' has no HF format '{fmt}' (formats: {', '.join(spec.formats)})")
     scope = Scope(text_config(hf_config, arch), {s.name: s for s in spec.symbols})
     config = _config_entries(spec, scope, sink)
     values = {e.field: e.value for e in config}

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specbridge.errors import SpecError
+
 
 @dataclass(frozen=True, slots=True)
 class Span:
@@ -48,22 +50,6 @@ class Diagnostic:
         src = lines[self.span.line - 1]
         caret = " " * (self.span.column - 1) + "^" * max(1, min(self.span.length, len(src) - self.span.column + 1))
         return f"{head}\n    {src}\n    {caret}"
-
-
-class SpecError(Exception):
-    """All diagnostics of a spec, reported together."""
-
-    def __init__(self, diagnostics: list[Diagnostic], sources: dict[str, str] | None = None):
-        self.diagnostics = tuple(sorted(diagnostics, key=lambda d: (d.span.file, d.span.line, d.span.column)))
-        self.sources = sources or {}
-        super().__init__(self.render())
-
-    def render(self, limit: int = 20) -> str:
-        shown = [d.render(self.sources) for d in self.diagnostics[:limit]]
-        rest = len(self.diagnostics) - limit
-        if rest > 0:
-            shown.append(f"... and {rest} more")
-        return "\n".join(shown)
 
 
 @dataclass

@@ -11,7 +11,9 @@ from typing import Any
 
 import yaml
 
-from .diagnostics import Diagnostic, Span, SpecError
+from specbridge.errors import SpecError
+
+from .diagnostics import Diagnostic, Span
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,8 @@ from ..compiler.ir import (
     stacks_of,
 )
 from ..compiler.plan import order
-from .ops import ConversionError, run_export, run_import
+from ..errors import ConversionError
+from .ops import run_export, run_import
 
 __all__ = [
     "BRACKET", "AddConst", "Cast", "CheckAbsent", "ConfigEntry", "ConversionError", "FillAbsent", "Fuse", "Layout",

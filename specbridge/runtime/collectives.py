@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .ops import ConversionError
+from ..errors import ConversionError
 
 
 def world() -> tuple[int, int]:
@@ -80,13 +80,13 @@ def abandon_staging(staging: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(target: str | Path, overwrite: bool = False, error_type: type[Exception] = ConversionError):
+def staged_output(target: str | Path, overwrite: bool = False):
     """`with staged_output(out) as staging:` every rank writes into `staging`; it becomes `out` only when every
     rank got through the block, and is removed otherwise. A non-empty `out` is refused on every rank first."""
     target = Path(target)
     error = None
     if target.exists() and any(target.iterdir()) and not overwrite:
-        error = error_type(f"output directory '{target}' exists and is not empty")
+        error = ConversionError(f"output directory '{target}' exists and is not empty")
     agree(error)
     staging = shared_staging(target)
     try:

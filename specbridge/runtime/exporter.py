@@ -15,7 +15,8 @@ import torch
 
 from ..compiler import ir
 from .collectives import agree
-from .ops import ConversionError, run_export, tp_concat
+from ..errors import ConversionError
+from .ops import run_export, tp_concat
 from .placement import Ranks, local_tensors, owner
 
 
@@ -80,7 +81,7 @@ def export_weights(chunks, plan: ir.Plan, sink, ranks: Ranks = Ranks(), hf_dtype
                 try:
                     emitted += _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent)
                 except ConversionError as exc:
-                    error = ConversionError(str(exc).split(" [")[0], key=exc.key, rule=exc.rule, rank=ranks.rank)
+                    error = exc.located(rank=ranks.rank)
             if progress is not None:
                 progress(len(group))
     if error is None and sink.open_stacks():

@@ -19,7 +19,8 @@ from ..compiler import ir
 from ..compiler.layouts import dim_of_axis, infer_sizes
 from .collectives import agree
 from .naming import TIED_OUTPUT
-from .ops import ConversionError, below_tp, run_import, tp_slice
+from ..errors import ConversionError
+from .ops import below_tp, run_import, tp_slice
 from .placement import Ranks, local_tensors
 
 
@@ -120,8 +121,7 @@ def _fill(target: torch.Tensor, mapping: ir.Mapping, reader, ranks: Ranks) -> No
     try:
         local = _build_local(mapping, reader, rank, size, tuple(target.shape))
     except ConversionError as exc:
-        raise ConversionError(str(exc).split(" [")[0], key=exc.key or mapping.mcore, rule=mapping.span,
-                              rank=ranks.rank) from None
+        raise exc.located(key=mapping.mcore, rule=mapping.span, rank=ranks.rank) from None
     except (RuntimeError, ValueError) as exc:
         raise ConversionError(f"cannot build '{mapping.mcore}': {exc}", key=mapping.mcore, rule=mapping.span,
                               rank=ranks.rank) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..compiler import ir
+from ..errors import UsageError
 from .naming import local_to_global, named_tensors
 
 
@@ -19,7 +20,7 @@ def hf_model_class(architecture: str):
 
     cls = getattr(transformers, architecture, None)
     if cls is None:
-        raise ValueError(f"transformers has no model class '{architecture}'")
+        raise UsageError(f"transformers has no model class '{architecture}'")
     return cls
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ConversionError
 from . import collectives
 
 METADATA = "specbridge.json"
@@ -26,7 +27,7 @@ def _sharded_state_dict(chunks) -> dict:
 def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False) -> Path:
     from megatron.core import dist_checkpointing
 
-    with collectives.staged_output(target, overwrite, error_type=FileExistsError) as staging:
+    with collectives.staged_output(target, overwrite) as staging:
         dist_checkpointing.save(_sharded_state_dict(chunks), str(staging))
         if collectives.world()[0] == 0:
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
@@ -36,7 +37,7 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False) ->
 def read_metadata(directory: str | Path) -> dict:
     path = Path(directory) / METADATA
     if not path.exists():
-        raise FileNotFoundError(f"'{directory}' is not a specbridge Megatron checkpoint (no {METADATA})")
+        raise ConversionError(f"'{directory}' is not a specbridge Megatron checkpoint (no {METADATA})")
     return json.loads(path.read_text())
 
 
@@ -50,4 +51,4 @@ def load(chunks, directory: str | Path) -> None:
         result = chunk.load_state_dict(chunk_state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing:
-            raise KeyError(f"the Megatron checkpoint '{directory}' lacks {missing[:5]}")
+            raise ConversionError(f"the Megatron checkpoint '{directory}' lacks {missing[:5]}")

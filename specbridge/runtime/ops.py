@@ -15,21 +15,7 @@ import torch
 
 from ..compiler import ir
 from ..compiler.layouts import axis_position, bracket_position, factored_shape, infer_sizes, shape_of
-
-
-class ConversionError(RuntimeError):
-    """A checkpoint-level error: names the tensor key, the spec rule and (when distributed) the rank."""
-
-    def __init__(self, message: str, *, key: str | None = None, rule=None, rank: int | None = None):
-        where = []
-        if key is not None:
-            where.append(f"key '{key}'")
-        if rule is not None:
-            where.append(f"rule at {rule}")
-        if rank is not None:
-            where.append(f"rank {rank}")
-        super().__init__(f"{message}" + (f" [{', '.join(where)}]" if where else ""))
-        self.key, self.rule, self.rank = key, rule, rank
+from ..errors import ConversionError
 
 
 # ---------------------------------------------------------------- layout kernels

@@ -15,7 +15,7 @@ from specbridge.compiler.invert import invert
 from specbridge.compiler.plan import order
 from specbridge.compiler.resolve import resolve
 from specbridge.compiler.validate import validate
-from specbridge.dsl.diagnostics import SpecError
+from specbridge.errors import SpecError
 from specbridge.dsl.parser import parse_spec
 from specbridge.runtime.ops import run_export, run_import
 from tests.support import FAMILIES, tiny_model

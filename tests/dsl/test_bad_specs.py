@@ -20,7 +20,7 @@ import pytest
 
 from specbridge.compiler.resolve import resolve
 from specbridge.compiler.validate import validate
-from specbridge.dsl.diagnostics import SpecError
+from specbridge.errors import SpecError
 from specbridge.dsl.parser import parse_spec
 
 CORPUS = Path(__file__).parent / "bad_specs"

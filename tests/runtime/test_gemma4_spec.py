@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from specbridge.api import Converter
 from specbridge.cli import main
-from specbridge.runtime.ops import ConversionError
+from specbridge.errors import ConversionError
 from specbridge.runtime.safetensors_io import CheckpointReader
 from specbridge.verify import hf_model, parity, roundtrip
 from tests.support import save_tiny
@@ -47,7 +47,7 @@ def test_conditional_generation_text_part_uses_the_same_spec(conditional, parall
 
 def test_wrong_class_is_caught(conditional):
     # transformers returns a randomly initialised model with only a warning: the loading info must be checked
-    with pytest.raises(ValueError, match="did not load the checkpoint cleanly"):
+    with pytest.raises(ConversionError, match="did not load the checkpoint cleanly"):
         hf_model(conditional, "Gemma4ForCausalLM")
 
 
