@@ -23,7 +23,7 @@ from . import compiler
 from .compiler import ir
 from .errors import ConversionError, SpecError, UsageError
 from .runtime import collectives, exporter, importer, manifests
-from .runtime.placement import Ranks
+from .runtime.parallel import Topology, current_topology
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
 
@@ -117,14 +117,16 @@ class Converter:
         return compiler.check(self.plan, *self.manifests(chunks), sources={spec.file: spec.source})
 
     # ------------------------------------------------------------ models and weights
-    def build_model(self, params_dtype=None, extra_transformer: dict | None = None) -> list:
+    def build_model(self, params_dtype=None, extra_transformer: dict | None = None,
+                    padded_vocab: int | None = None) -> list:
         """This rank's model chunk(s); `extra_transformer` adds TransformerConfig fields the spec does not set
-        (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split)."""
-        return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
+        (e.g. `num_layers_in_first_pipeline_stage` for a pipeline split of one's own); `padded_vocab` is the
+        padded vocabulary a Megatron checkpoint was written with (default: padded for this TP size)."""
+        return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer, padded_vocab)
 
-    def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None) -> CheckpointReader:
+    def import_weights(self, chunks, hf_dir, topology: Topology | None = None, progress=None) -> CheckpointReader:
         reader = CheckpointReader(hf_dir)
-        importer.import_weights(chunks, self.plan, reader, ranks or Ranks.current(), progress=progress)
+        importer.import_weights(chunks, self.plan, reader, topology or current_topology(), progress=progress)
         return reader
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
@@ -133,13 +135,13 @@ class Converter:
         writing rank writes its own shard files, rank 0 the index and config; all into one staging directory
         that becomes `out_dir` only when every rank succeeded."""
         dtype = dtype or config_dtype(self.hf_config)
-        ranks = Ranks.current()
+        topology = current_topology()
         with collectives.staged_output(out_dir, overwrite) as staging:
-            writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
-            exporter.export_weights(chunks, self.plan, writer, ranks, hf_dtype=dtype, check_absent=check_absent,
+            writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{topology.rank:05d}")
+            exporter.export_weights(chunks, self.plan, writer, topology, hf_dtype=dtype, check_absent=check_absent,
                                     progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
-            if ranks.rank == 0:
+            if topology.rank == 0:
                 weight_map = {k: f for m, _ in maps for k, f in m.items()}
                 finalize(staging, weight_map, sum(total for _, total in maps))
                 write_hf_config(self, chunks, staging, dtype)

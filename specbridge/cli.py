@@ -93,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except SpecError as exc:  # a user's mistake: one clean report, exit 2; anything else is a bug (traceback)
-        print(exc.render(), file=sys.stderr)
-        return 2
-    except SpecbridgeError as exc:
-        print(f"specbridge {args.command}: error: {exc}", file=sys.stderr)
+    except SpecbridgeError as exc:  # a user's mistake: one clean report, exit 2; anything else is a bug (traceback)
+        if _is_rank0() or not exc.on_every_rank:  # under torchrun, what every rank raised is reported once
+            print(exc.render() if isinstance(exc, SpecError) else f"specbridge {args.command}: error: {exc}",
+                  file=sys.stderr)
         return 2
 
 
@@ -112,9 +111,10 @@ def _init(args):
 
 
 def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 of the torch.distributed world (before it is initialised: of the processes torchrun started)."""
+    if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+        return sys.modules["torch.distributed"].get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _say(text: str) -> None:
@@ -187,7 +187,8 @@ def cmd_import(args) -> int:
     metadata = {"spec": str(conv.spec_path), "spec_name": conv.plan.spec, "digest": conv.plan.digest,
                 "architecture": conv.plan.architecture, "format": conv.plan.format,
                 "hf_config": conv.hf_config.to_dict(),
-                "written_with": {"tp": topology.tp_size, "pp": topology.pp_size, "ep": topology.ep_size}}
+                "written_with": {"tp": topology.tp_size, "pp": topology.pp_size, "ep": topology.ep_size},
+                "padded_vocab_size": chunks[0].vocab_size}
     mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite)
     _say(f"import: {args.hf_dir} -> {args.out} (megatron-core dist checkpoint, {len(conv.plan.mappings)} tensors)")
     return 0
@@ -203,7 +204,7 @@ def cmd_export(args) -> int:
     meta = mcore_checkpoint.read_metadata(args.mcore_dir)
     hf_config = AutoConfig.for_model(**meta["hf_config"])
     conv = Converter.from_config(hf_config, meta["spec"], meta["architecture"], args.format or meta["format"])
-    chunks = conv.build_model()
+    chunks = conv.build_model(padded_vocab=meta.get("padded_vocab_size", conv.plan.model_kwargs().get("vocab_size")))
     mcore_checkpoint.load(chunks, args.mcore_dir)
     update, close = _progress(len(conv.plan.mappings), "export")
     conv.export_weights(chunks, args.out, check_absent=args.absent == "check", overwrite=args.overwrite,
