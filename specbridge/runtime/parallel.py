@@ -11,6 +11,7 @@ and sizes back as one frozen `Topology`; `tp_group` / `ep_group` answer megatron
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -77,11 +78,11 @@ def check_sizes(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1, etp: int
         raise UsageError(f"parallel sizes must be at least 1 (got {', '.join(bad)})", on_every_rank=True)
     if vpp is not None and vpp > 1 and pp == 1:
         raise UsageError(f"--vpp {vpp} interleaves pipeline stages and needs --pp > 1", on_every_rank=True)
-    model = tp * pp
-    if not launched and max(model, etp * ep * pp) > 1:
-        need = max(model, etp * ep * pp)
-        raise UsageError(f"--tp {tp} --pp {pp} --ep {ep} needs at least {need} processes, and this is one: launch "
-                         f"with torchrun --nproc-per-node {need} -m specbridge ...", on_every_rank=True)
+    model, need = tp * pp, math.lcm(tp * pp, etp * ep * pp)
+    if not launched and need > 1:
+        asked = " ".join(f"{flag} {size}" for flag, size in flags.items() if size > 1 and (flag != "--etp" or etp != tp))
+        raise UsageError(f"{asked} needs {need} processes (or a multiple), and this is one: launch it with "
+                         f"torchrun --nproc-per-node {need} -m specbridge ...", on_every_rank=True)
     if world_size % model:
         raise UsageError(f"{world_size} processes do not split into tensor x pipeline parallel groups of --tp {tp} "
                          f"x --pp {pp} = {model}: use a world size that is a multiple of {model}", on_every_rank=True)

@@ -60,19 +60,18 @@ def tp_slice(tensor: torch.Tensor, mapping: ir.Mapping, rank: int, size: int,
     if shard.kind == "vocab":
         if padded_rows is not None and padded_rows > tensor.shape[0]:
             tensor = torch.cat([tensor, tensor.new_zeros((padded_rows - tensor.shape[0], *tensor.shape[1:]))])
-        return _chunk(tensor, 0, rank, size, mapping)
+        return _chunk(tensor, 0, rank, size, mapping, "the padded vocabulary")
     if shard.kind == "replicated" or size == 1:
         return tensor
     view, dim = _axis_view(tensor, mapping, size)
+    cut = f"dim {shard.dim}" if view is tensor else f"axis '{shard.axis}'"
     out_shape = list(tensor.shape)
     out_shape[shard.dim] //= size
-    return _chunk(view, dim, rank, size, mapping).reshape(out_shape)
+    return _chunk(view, dim, rank, size, mapping, cut).reshape(out_shape)
 
 
-def _chunk(tensor: torch.Tensor, dim: int, rank: int, size: int, mapping: ir.Mapping) -> torch.Tensor:
+def _chunk(tensor: torch.Tensor, dim: int, rank: int, size: int, mapping: ir.Mapping, what: str) -> torch.Tensor:
     if tensor.shape[dim] % size:
-        shard = mapping.shard
-        what = "the vocabulary" if shard.kind == "vocab" else f"axis '{shard.axis or shard.dim}'"
         raise ConversionError(f"{what} of size {tensor.shape[dim]} does not divide by tensor parallel size {size}",
                               key=mapping.mcore, rule=mapping.span)
     return tensor.chunk(size, dim=dim)[rank]
@@ -104,7 +103,7 @@ def tp_concat(shards: list[torch.Tensor], mapping: ir.Mapping, vocab_rows: int |
 def _dim_factors(mapping: ir.Mapping, dim: int, sizes: dict, part: str | None) -> tuple[int, ...]:
     """The sizes of the factors of layout dim `dim`, for one part (or the fused tensor when `part` is None)."""
     extents = dict(mapping.layout.parts)
-    bracket = extents[part] if part is not None else sum(extents.values())
+    bracket = extents.get(part) if part is not None else sum(extents.values())
     return tuple(bracket if f == ir.BRACKET else sizes[f] for f in mapping.layout.dims[dim])
 
 
