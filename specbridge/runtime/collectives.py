@@ -40,7 +40,10 @@ def agree(error: BaseException | None) -> None:
     if not failed:
         return
     if error is None or len(failed) > 1:
-        lines = [f"rank {r}: {msg}" for r, msg in failed]
+        ranks_of: dict[str, list[int]] = {}
+        for r, msg in failed:
+            ranks_of.setdefault(msg, []).append(r)
+        lines = [", ".join(f"rank {r}" for r in ranks) + f": {msg}" for msg, ranks in ranks_of.items()]
         error = ConversionError("failed on " + ", ".join(f"rank {r}" for r, _ in failed) + ":\n  "
                                 + "\n  ".join(lines))
     error.on_every_rank = True  # every rank raises (rank 0's report names every failure)
