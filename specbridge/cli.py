@@ -94,10 +94,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SpecbridgeError as exc:  # a user's mistake: one clean report, exit 2; anything else is a bug (traceback)
-        if _is_rank0() or not exc.on_every_rank:  # under torchrun, what every rank raised is reported once
-            print(exc.render() if isinstance(exc, SpecError) else f"specbridge {args.command}: error: {exc}",
-                  file=sys.stderr)
+        _report(exc, exc.render() if isinstance(exc, SpecError) else f"specbridge {args.command}: error: {exc}")
         return 2
+
+
+def _report(exc, text: str) -> None:
+    """Print the error once: an error every rank raised is printed by rank 0 only, and the other ranks leave after
+    it has been printed. Every rank's exit status is 2: this rank is leaving anyway, so torchrun's SIGTERM (sent to
+    the rest once one rank has left) is ignored rather than turning the status into a kill (an ignored signal
+    stays ignored while the interpreter shuts down; a handler would not)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _is_rank0() or not exc.on_every_rank:
+        print(text, file=sys.stderr, flush=True)
+    if exc.on_every_rank:
+        _barrier()
+
+
+def _barrier() -> None:
+    """Wait for every rank (when several run); a rank that has already gone ends the wait."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a rank that died does not change this rank's report
+            pass
 
 
 # ---------------------------------------------------------------- helpers

@@ -2,7 +2,7 @@
 describe this rank's place in it. The one module that reads megatron-core's `parallel_state`.
 
 Contract: `check_sizes(...)` refuses sizes that cannot work (one `UsageError` line, the same on every rank, before
-anything is started). `init_parallel()` leaves the process with an initialised default process group (nccl with
+megatron-core is touched). `init_parallel()` leaves the process with an initialised default process group (nccl with
 a GPU, gloo without; a single-process world of 1 when not launched by torchrun), megatron-core's
 `parallel_state` initialised with the requested sizes, and the model-parallel RNG seeded. `destroy_parallel()`
 undoes all of it, so tests may init / destroy / init again in one process. `current_topology()` reads the ranks
@@ -103,13 +103,6 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _world_size() -> int:
-    """The number of processes, before the process group exists."""
-    if dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
-
-
 def _init_process_group() -> None:
     """Create the default process group unless one exists; single-process world when not under torchrun."""
     if dist.is_initialized():
@@ -140,16 +133,18 @@ def init_parallel(
     vpp: int | None = None,
     seed: int = 1234,
 ) -> Topology:
-    """Check the sizes, initialise torch.distributed and megatron-core parallel state; answer this rank's Topology.
+    """Initialise torch.distributed, check the sizes (before megatron-core is touched), initialise megatron-core's
+    parallel state; answer this rank's Topology.
 
     `etp` (expert tensor parallel size) defaults to `tp`, as in megatron-core; `vpp` is the number of virtual
     pipeline stages per rank (None or 1: no interleaving).
     """
-    check_sizes(_world_size(), tp, pp, ep, etp, vpp, launched=dist.is_initialized() or launched_by_torchrun())
+    launched = dist.is_initialized() or launched_by_torchrun()
+    _init_process_group()  # first, so that the ranks can still meet after an error (to end together)
+    check_sizes(dist.get_world_size(), tp, pp, ep, etp, vpp, launched=launched)
     cpu_compat.apply()
     from megatron.core import parallel_state
 
-    _init_process_group()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
