@@ -23,8 +23,6 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=12)
     args = parser.parse_args()
 
-    from megatron.core import parallel_state as ps
-
     from specbridge.api import Converter
     from specbridge.runtime import mcore_checkpoint
     from specbridge.runtime.parallel import init_parallel
@@ -42,7 +40,7 @@ def main() -> None:
     vocab = conv.plan.model_kwargs()["vocab_size"]
     ids = torch.randint(0, vocab, (2, args.seq_len), generator=torch.Generator().manual_seed(0))
     logits = pipeline_logits(chunks, ids, vocab)
-    if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+    if logits is not None and topology.tp_rank == 0:
         torch.save(logits, out / "logits.pt")
     conv.export_weights(chunks, out / "hf")
     mcore_checkpoint.save(chunks, out / "mcore", {"spec": str(conv.spec_path), "architecture": conv.plan.architecture,
