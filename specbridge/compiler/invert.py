@@ -5,10 +5,13 @@ row in the op table declares (`ops.inverse`): Fuse <-> Split, FillAbsent -> Chec
 holds, then discard), add(c) -> add(-c), cast -> cast back to the dtype read, scale by a tensor -> divide by that
 tensor's Megatron counterpart. An inverse that needs a tensor the Megatron side does not carry is refused here
 (and by `check`, which reports the same `uninvertible` problems).
+
+`invert_config` runs the config mapping backwards: the HF config written on export.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from ..dsl.diagnostics import DiagnosticSink
@@ -41,3 +44,26 @@ def invert(plan: ir.Plan, sources: dict[str, str] | None = None) -> ir.Plan:
     mappings = tuple(dataclasses.replace(m, mcore_to_hf=ops.inverse(m.hf_to_mcore, inversion))
                      for m in plan.mappings)
     return dataclasses.replace(plan, mappings=mappings)
+
+
+def invert_config(plan: ir.Plan, hf_config: dict, sub_config: str | None, megatron_config) -> dict:
+    """The HF config for export: `hf_config` (the source's, as a dict; not modified) with every invertible
+    transformer entry (`ConfigEntry.hf_path`) written back from the Megatron model's own config, inside the
+    sub-config `sub_config` when the architecture has one, and `architectures` set to the plan's."""
+    full = copy.deepcopy(hf_config)
+    target = full[sub_config] if sub_config and isinstance(full.get(sub_config), dict) else full
+    for entry in plan.config:
+        if entry.hf_path is None or entry.section != "transformer":
+            continue
+        value = getattr(megatron_config, entry.field, entry.value)
+        if isinstance(entry.value, bool | int | float | str) and not callable(value):
+            _set_path(target, entry.hf_path, value)
+    full["architectures"] = [plan.architecture]
+    return full
+
+
+def _set_path(target: dict, path: str, value) -> None:
+    *heads, last = path.split(".")
+    for head in heads:
+        target = target.setdefault(head, {})
+    target[last] = value
