@@ -16,7 +16,7 @@ from ..dsl.expressions import parse as parse_text
 from ..dsl.yaml_source import Located
 from . import ir
 from ..errors import UsageError
-from .evaluate import MISSING, EvalError, Scope, config_value, evaluate
+from .evaluate import MISSING, Budget, EvalError, Scope, config_value, evaluate
 from .validate import captures_of
 
 LAYER, EXPERT = "layer", "expert"
@@ -48,7 +48,7 @@ def resolve(spec: ast.Spec, hf_config, architecture: str | None = None, fmt: str
     fmt = fmt or spec.formats[0]
     if fmt not in spec.formats:
         raise UsageError(f"spec '{spec.name}' has no HF format '{fmt}' (formats: {', '.join(spec.formats)})")
-    scope = Scope(text_config(hf_config, arch), {s.name: s for s in spec.symbols})
+    scope = Scope(text_config(hf_config, arch), {s.name: s for s in spec.symbols}, budget=Budget())
     config = _config_entries(spec, scope, sink)
     values = {e.field: e.value for e in config}
     domains = {LAYER: range(int(values.get("num_layers") or 0)), EXPERT: range(int(values.get("num_moe_experts") or 0))}

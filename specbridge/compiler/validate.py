@@ -1,7 +1,8 @@
 """Pass `validate` (the config-independent half of `check`): meaning errors that need no HF config.
 
 In: an `ast.Spec`. Out: the same spec, or a `SpecError` with every problem found: capture kinds and arity
-(each capture bound once with a kind, used on both sides), unknown references, sentinel and op names and
+(each capture bound once with a kind, used on both sides), unknown references, expressions wrong by their form
+(`evaluate.static_problems`: underscore names, calls of anything but a function or symbol, recursive symbols), sentinel and op names and
 arguments, absent parts and their policies, layouts against the rule's parts, shard axes, formats, and
 rules that would claim the same tensor.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from ..dsl import ast
 from ..dsl.diagnostics import DiagnosticSink
+from .evaluate import static_problems
 
 SENTINELS = {"tied": 1, "derived": 1, "ignored": 1}
 OPS = {"add": 1, "cast": 1, "scale": 1}
@@ -43,6 +45,8 @@ def _used(pattern: ast.Pattern) -> set[str]:
 def validate(spec: ast.Spec) -> ast.Spec:
     sink = DiagnosticSink({spec.file: spec.source})
     _check_symbols(spec, sink)
+    for span, message in static_problems(spec):  # underscore names, calls of non-functions, recursive symbols
+        sink.error(span, message)
     for rule in spec.rules:
         _check_captures(rule, sink)
         if rule.sentinel is not None:
