@@ -18,7 +18,7 @@ import itertools
 from ..dsl.diagnostics import DiagnosticSink, Span
 from ..errors import UsageError
 from . import ir, ops
-from .evaluate import MISSING, EvalError, Scope, config_value, evaluate
+from .evaluate import MISSING, Budget, EvalError, Scope, config_value, evaluate
 from .templates import (
     EXPERT,
     LAYER,
@@ -149,6 +149,7 @@ class _Values:
 
     def __init__(self, config, symbols):
         self.config, self.symbols = config, {s.name: s for s in symbols}
+        self.budget = Budget()  # the evaluations of one resolve are bounded together
         self.memo: dict[tuple, object] = {}
 
     def shared(self, key: tuple, build):
@@ -166,11 +167,12 @@ class _Values:
 
     def _compute(self, value: Value, env: dict):
         if not callable(value.expr):
-            return evaluate(value.expr, Scope(self.config, self.symbols, tuple((n, env[n]) for n in value.names)))
+            captures = tuple((n, env[n]) for n in value.names)
+            return evaluate(value.expr, Scope(self.config, self.symbols, captures, self.budget))
         try:  # a function printed from the expression (an emitted bridge)
             return value.expr(self.config, *(env[n] for n in value.names))
         except EvalError as exc:
-            raise EvalError(value.span if exc.span.line < 1 else exc.span, exc.message) from None
+            raise exc.at(value.span) from None
         except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
             raise EvalError(value.span, f"cannot evaluate: {type(exc).__name__}: {exc}") from None
 

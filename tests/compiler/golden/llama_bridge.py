@@ -25,6 +25,7 @@ from specbridge.runtime.bridge import (
     Span,
     Templates,
     Value,
+    apply,
     field,
     hf_to_mcore,
     invert,
@@ -48,7 +49,7 @@ def sym_d(cfg):
 
 # specbridge/specs/llama.yaml:35: r: num_attention_heads // num_key_value_heads
 def sym_r(cfg):
-    return field(cfg, "num_attention_heads") // field(cfg, "num_key_value_heads")
+    return apply("//", field(cfg, "num_attention_heads"), field(cfg, "num_key_value_heads"))
 
 
 TEMPLATES = Templates(
@@ -272,7 +273,7 @@ TEMPLATES = Templates(
                     (("g", BRACKET), ("h",)),
                     (("g", Value(lambda cfg: sym_kv(cfg), Span(FILE, 56, 52, 2))),),
                     (
-                        ("q", Value(lambda cfg: sym_r(cfg) * sym_d(cfg), Span(FILE, 56, 18, 6))),
+                        ("q", Value(lambda cfg: apply("*", sym_r(cfg), sym_d(cfg)), Span(FILE, 56, 18, 6))),
                         ("k", Value(lambda cfg: sym_d(cfg), Span(FILE, 56, 27, 4))),
                         ("v", Value(lambda cfg: sym_d(cfg), Span(FILE, 56, 34, 4))),
                     ),
@@ -297,7 +298,7 @@ TEMPLATES = Templates(
                     (("g", BRACKET),),
                     (("g", Value(lambda cfg: sym_kv(cfg), Span(FILE, 64, 50, 2))),),
                     (
-                        ("q", Value(lambda cfg: sym_r(cfg) * sym_d(cfg), Span(FILE, 64, 18, 6))),
+                        ("q", Value(lambda cfg: apply("*", sym_r(cfg), sym_d(cfg)), Span(FILE, 64, 18, 6))),
                         ("k", Value(lambda cfg: sym_d(cfg), Span(FILE, 64, 27, 4))),
                         ("v", Value(lambda cfg: sym_d(cfg), Span(FILE, 64, 34, 4))),
                     ),

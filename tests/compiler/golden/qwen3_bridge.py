@@ -25,6 +25,7 @@ from specbridge.runtime.bridge import (
     Span,
     Templates,
     Value,
+    apply,
     field,
     hf_to_mcore,
     invert,
@@ -48,7 +49,7 @@ def sym_d(cfg):
 
 # specbridge/specs/qwen3.yaml:37: r: num_attention_heads // num_key_value_heads
 def sym_r(cfg):
-    return field(cfg, "num_attention_heads") // field(cfg, "num_key_value_heads")
+    return apply("//", field(cfg, "num_attention_heads"), field(cfg, "num_key_value_heads"))
 
 
 TEMPLATES = Templates(
@@ -283,7 +284,7 @@ TEMPLATES = Templates(
                     (("g", BRACKET), ("h",)),
                     (("g", Value(lambda cfg: sym_kv(cfg), Span(FILE, 58, 52, 2))),),
                     (
-                        ("q", Value(lambda cfg: sym_r(cfg) * sym_d(cfg), Span(FILE, 58, 18, 6))),
+                        ("q", Value(lambda cfg: apply("*", sym_r(cfg), sym_d(cfg)), Span(FILE, 58, 18, 6))),
                         ("k", Value(lambda cfg: sym_d(cfg), Span(FILE, 58, 27, 4))),
                         ("v", Value(lambda cfg: sym_d(cfg), Span(FILE, 58, 34, 4))),
                     ),
@@ -308,7 +309,7 @@ TEMPLATES = Templates(
                     (("g", BRACKET),),
                     (("g", Value(lambda cfg: sym_kv(cfg), Span(FILE, 66, 50, 2))),),
                     (
-                        ("q", Value(lambda cfg: sym_r(cfg) * sym_d(cfg), Span(FILE, 66, 18, 6))),
+                        ("q", Value(lambda cfg: apply("*", sym_r(cfg), sym_d(cfg)), Span(FILE, 66, 18, 6))),
                         ("k", Value(lambda cfg: sym_d(cfg), Span(FILE, 66, 27, 4))),
                         ("v", Value(lambda cfg: sym_d(cfg), Span(FILE, 66, 34, 4))),
                     ),

@@ -26,6 +26,7 @@ from specbridge.runtime.bridge import (
     Span,
     Templates,
     Value,
+    apply,
     field,
     hf_to_mcore,
     invert,
@@ -49,7 +50,7 @@ def sym_d(cfg):
 
 # specbridge/specs/qwen3_moe.yaml:51: r: num_attention_heads // num_key_value_heads
 def sym_r(cfg):
-    return field(cfg, "num_attention_heads") // field(cfg, "num_key_value_heads")
+    return apply("//", field(cfg, "num_attention_heads"), field(cfg, "num_key_value_heads"))
 
 
 TEMPLATES = Templates(
@@ -354,7 +355,7 @@ TEMPLATES = Templates(
                     (("g", BRACKET), ("h",)),
                     (("g", Value(lambda cfg: sym_kv(cfg), Span(FILE, 72, 52, 2))),),
                     (
-                        ("q", Value(lambda cfg: sym_r(cfg) * sym_d(cfg), Span(FILE, 72, 18, 6))),
+                        ("q", Value(lambda cfg: apply("*", sym_r(cfg), sym_d(cfg)), Span(FILE, 72, 18, 6))),
                         ("k", Value(lambda cfg: sym_d(cfg), Span(FILE, 72, 27, 4))),
                         ("v", Value(lambda cfg: sym_d(cfg), Span(FILE, 72, 34, 4))),
                     ),
@@ -379,7 +380,7 @@ TEMPLATES = Templates(
                     (("g", BRACKET),),
                     (("g", Value(lambda cfg: sym_kv(cfg), Span(FILE, 80, 50, 2))),),
                     (
-                        ("q", Value(lambda cfg: sym_r(cfg) * sym_d(cfg), Span(FILE, 80, 18, 6))),
+                        ("q", Value(lambda cfg: apply("*", sym_r(cfg), sym_d(cfg)), Span(FILE, 80, 18, 6))),
                         ("k", Value(lambda cfg: sym_d(cfg), Span(FILE, 80, 27, 4))),
                         ("v", Value(lambda cfg: sym_d(cfg), Span(FILE, 80, 34, 4))),
                     ),
