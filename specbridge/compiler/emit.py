@@ -32,8 +32,8 @@ WIDTH = 119
 INDENT = "    "
 IMPORTS = ("BRACKET", "EXPERT", "LAYER", "Absent", "Architecture", "ConfigTemplate", "Key", "LayoutTemplate",
            "MappingProduct", "OpCall", "Part", "Plan", "Requirement", "Rule", "SentinelProduct", "Shard", "Span",
-           "SubtreeProduct", "Templates", "Value", "apply", "field", "fn", "hf_to_mcore", "invert", "mcore_to_hf",
-           "negate", "order", "resolve", "subscript")
+           "SubtreeProduct", "Templates", "Value", "apply", "expand_subtrees", "field", "fn", "hf_to_mcore", "invert",
+           "mcore_to_hf", "negate", "order", "resolve", "subscript")
 # names the generated code uses itself: a capture, binding or parameter spelled like one gets a trailing "_"
 RESERVED = {*IMPORTS, "cfg", "functools", "FILE", "TEMPLATES", "plan"}
 
@@ -331,4 +331,4 @@ def plan(hf_config, architecture: str | None = None, fmt: str | None = None) -> 
     return order(invert(resolve(TEMPLATES, hf_config, architecture, fmt)))
 
 
-__all__ = ["TEMPLATES", "hf_to_mcore", "mcore_to_hf", "plan"]'''.split("\n")
+__all__ = ["TEMPLATES", "expand_subtrees", "hf_to_mcore", "mcore_to_hf", "plan"]'''.split("\n")

@@ -71,7 +71,7 @@ def resolve(spec, hf_config, architecture: str | None = None, fmt: str | None = 
     _check_requirements(templates, values, sink)
     sink.raise_if_any()
     config = _config_entries(templates, values, sink)
-    domains = _domains(templates, config, sink)
+    domains = _domains(config, sink)
     mappings, sentinels, subtrees = [], [], []
     for rule in templates.rules:
         if rule.format is None or rule.format == fmt:
@@ -122,12 +122,12 @@ def _config_entries(templates: Templates, values: "_Values", sink: DiagnosticSin
     return tuple(entries)
 
 
-def _domains(templates: Templates, config, sink: DiagnosticSink) -> dict[str, range]:
+def _domains(config, sink: DiagnosticSink) -> dict[str, range]:
     """Layer and expert indices: `num_layers` (at least 1 when given) and `num_moe_experts` (0 or more)."""
     domains = {LAYER: range(0), EXPERT: range(0)}
     for kind, name, least in ((LAYER, "num_layers", 1), (EXPERT, "num_moe_experts", 0)):
         entry = next((e for e in config if e.field == name), None)
-        if entry is None or entry.value is None or kind == EXPERT and entry.value == 0:
+        if entry is None or entry.value is None:
             continue
         value = entry.value
         if isinstance(value, float) and value.is_integer():

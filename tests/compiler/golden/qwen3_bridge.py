@@ -26,6 +26,7 @@ from specbridge.runtime.bridge import (
     Templates,
     Value,
     apply,
+    expand_subtrees,
     field,
     hf_to_mcore,
     invert,
@@ -404,4 +405,4 @@ def plan(hf_config, architecture: str | None = None, fmt: str | None = None) -> 
     return order(invert(resolve(TEMPLATES, hf_config, architecture, fmt)))
 
 
-__all__ = ["TEMPLATES", "hf_to_mcore", "mcore_to_hf", "plan"]
+__all__ = ["TEMPLATES", "expand_subtrees", "hf_to_mcore", "mcore_to_hf", "plan"]
