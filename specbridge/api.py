@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -22,16 +21,12 @@ import torch
 from . import compiler
 from .compiler import ir
 from .errors import ConversionError, SpecError, UsageError
+from .inputs import builtin_specs, hf_config_dir, spec_path
 from .runtime import collectives, exporter, importer, manifests
 from .runtime.placement import Ranks
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
 
-SPEC_DIR = Path(str(resources.files("specbridge.specs")))
-
-
-def builtin_specs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(SPEC_DIR.glob("*.yaml"))}
 
 
 def spec_for_architecture(architecture: str) -> Path:
@@ -48,20 +43,16 @@ def resolve_spec_path(spec: str | Path | None, architecture: str | None) -> Path
         if architecture is None:
             raise UsageError("config.json names no architecture; pass --spec")
         return spec_for_architecture(architecture)
-    builtin = builtin_specs()
-    return builtin[str(spec)] if str(spec) in builtin else Path(spec)
+    return spec_path(spec)
 
 
 def load_hf_config(source):
     """An HF config from a checkpoint directory, a config.json path, or a config object."""
     if not isinstance(source, (str, Path)):
         return source
+    directory = hf_config_dir(source)
     from transformers import AutoConfig
 
-    path = Path(source)
-    directory = path.parent if path.is_file() else path
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"'{path}' does not exist or has no config.json")
     return AutoConfig.from_pretrained(str(directory))
 
 
