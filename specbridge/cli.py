@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     spec_flags(p, False)
     parallel_flags(p)
     p.add_argument("--atol", type=float, default=None, help="also require max |logit diff| <= ATOL")
-    p.add_argument("--min-cosine", type=float, default=0.99999)
-    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--min-cosine", type=float, default=None, help="require cosine >= this (default 0.99999)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence compared (default 32)")
     p = sub.add_parser("demo", help="convert an embedded tiny model HF -> Megatron -> HF and prove it")
     p.add_argument("--family", default="qwen3_moe", choices=DEMO_FAMILIES, help="the embedded tiny model")
     return parser
@@ -270,12 +270,13 @@ def cmd_roundtrip(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    from .verify import parity
+    from .verify import MIN_COSINE, parity
 
     _init(args)
     result = parity(args.hf_dir, spec=args.spec, seq_len=args.seq_len)
-    _say(result.summary())
-    return 0 if result.ok(args.min_cosine, args.atol) else 1
+    min_cosine = MIN_COSINE if args.min_cosine is None else args.min_cosine
+    _say(result.summary(min_cosine, args.atol))
+    return 0 if result.ok(min_cosine, args.atol) else 1
 
 
 def cmd_demo(args) -> int:
