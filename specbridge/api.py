@@ -12,6 +12,7 @@ when not under torchrun).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -98,20 +99,24 @@ class Converter:
 
     # ------------------------------------------------------------ proofs
     def manifests(self, chunks=None) -> tuple[ir.Manifest, ir.Manifest]:
+        """Both sides' (key, shape, dtype). Without `chunks`, the Megatron model is built on the meta device:
+        shapes only, no memory, at any size (the HF model is always instantiated on meta)."""
         hf = manifests.hf_manifest(self.plan.architecture, self.hf_config, self.plan.format, self.spec.formats)
-        chunks = chunks if chunks is not None else self.build_model()
+        chunks = chunks if chunks is not None else self.build_model(device="meta")
         return hf, manifests.mcore_manifest(chunks, self.plan.model)
 
-    def check(self, chunks=None) -> ir.Plan:
+    def check(self, chunks=None, manifests: tuple[ir.Manifest, ir.Manifest] | None = None) -> ir.Plan:
         """Prove coverage, uniqueness and shapes against both manifests (a `SpecError` otherwise)."""
         spec = self.spec
-        return compiler.check(self.plan, *self.manifests(chunks), sources={spec.file: spec.source})
+        return compiler.check(self.plan, *(manifests or self.manifests(chunks)), sources={spec.file: spec.source})
 
     # ------------------------------------------------------------ models and weights
-    def build_model(self, params_dtype=None, extra_transformer: dict | None = None) -> list:
+    def build_model(self, params_dtype=None, extra_transformer: dict | None = None, device=None) -> list:
         """This rank's model chunk(s); `extra_transformer` adds TransformerConfig fields the spec does not set
-        (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split)."""
-        return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
+        (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split). `device="meta"`: parameters
+        without storage (what a manifest needs)."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
 
     def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None) -> CheckpointReader:
         reader = CheckpointReader(hf_dir)

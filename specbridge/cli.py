@@ -189,8 +189,8 @@ def _converter_from_args(args, config_source):
 def cmd_check(args) -> int:
     _init(args)
     conv = _converter_from_args(args, args.config)
-    plan = conv.check()
-    hf, mcore = conv.manifests()
+    hf, mcore = conv.manifests()  # the Megatron model on the meta device: no memory at any size
+    plan = conv.check(manifests=(hf, mcore))
     tied = sum(1 for s in plan.sentinels)
     _say(f"{plan.spec} ({plan.architecture}, format '{plan.format}'): coverage proved")
     _say(f"  hf:    {len(hf.tensors)} tensors, each consumed exactly once or named by a sentinel")
