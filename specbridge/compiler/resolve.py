@@ -20,6 +20,7 @@ from .evaluate import MISSING, Budget, EvalError, Scope, config_value, evaluate
 from .validate import captures_of
 
 LAYER, EXPERT = "layer", "expert"
+MAX_EXPANSION = 1_000_000  # (layer, expert) pairs of one config (real models: ~15,000); an absurd config is refused
 
 
 def select_architecture(spec: ast.Spec, hf_config, architecture: str | None) -> ast.Architecture:
@@ -50,8 +51,12 @@ def resolve(spec: ast.Spec, hf_config, architecture: str | None = None, fmt: str
         raise UsageError(f"spec '{spec.name}' has no HF format '{fmt}' (formats: {', '.join(spec.formats)})")
     scope = Scope(text_config(hf_config, arch), {s.name: s for s in spec.symbols}, budget=Budget())
     config = _config_entries(spec, scope, sink)
-    values = {e.field: e.value for e in config}
-    domains = {LAYER: range(int(values.get("num_layers") or 0)), EXPERT: range(int(values.get("num_moe_experts") or 0))}
+    layers, experts = (_count(config, name, sink) for name in ("num_layers", "num_moe_experts"))
+    if layers * max(experts, 1) > MAX_EXPANSION:
+        sink.error(spec.span, f"this config has {layers} layers x {experts} experts: more than the {MAX_EXPANSION:,} "
+                              f"(layer, expert) pairs a spec may expand over")
+        sink.raise_if_any()
+    domains = {LAYER: range(layers), EXPERT: range(experts)}
     expander = _RuleExpander(scope, arch.prefix, domains, sink)
     mappings, sentinels = [], []
     for rule in spec.rules:
@@ -64,6 +69,20 @@ def resolve(spec: ast.Spec, hf_config, architecture: str | None = None, fmt: str
     return ir.Plan(spec.name, spec.file, digest(spec.source), arch.name, arch.prefix, fmt, spec.model,
                    tuple(config), tuple(mappings), tuple(sentinels), len(domains[LAYER]), len(domains[EXPERT]),
                    stacks)
+
+
+def _count(entries: list[ir.ConfigEntry], name: str, sink: DiagnosticSink) -> int:
+    """The number of layers or experts a config entry gives (absent, null or false: none)."""
+    entry = next((e for e in entries if e.field == name), None)
+    value = None if entry is None else entry.value
+    if value is None or value is False:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        sink.error(entry.span, f"'{name}' must be a non-negative integer, got {value!r}")
+        return 0
+    return value
 
 
 def digest(text: str) -> str:
