@@ -12,9 +12,9 @@ when not under torchrun).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,16 +23,12 @@ from . import compiler
 from .compiler import ir
 from .compiler.invert import invert_config
 from .errors import ConversionError, SpecError, UsageError
+from .inputs import builtin_specs, hf_config_dir, spec_path
 from .runtime import collectives, exporter, importer, manifests
 from .runtime.placement import Ranks
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
 
-SPEC_DIR = Path(str(resources.files("specbridge.specs")))
-
-
-def builtin_specs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(SPEC_DIR.glob("*.yaml"))}
 
 
 def spec_for_architecture(architecture: str) -> Path:
@@ -49,20 +45,16 @@ def resolve_spec_path(spec: str | Path | None, architecture: str | None) -> Path
         if architecture is None:
             raise UsageError("config.json names no architecture; pass --spec")
         return spec_for_architecture(architecture)
-    builtin = builtin_specs()
-    return builtin[str(spec)] if str(spec) in builtin else Path(spec)
+    return spec_path(spec)
 
 
 def load_hf_config(source):
     """An HF config from a checkpoint directory, a config.json path, or a config object."""
     if not isinstance(source, (str, Path)):
         return source
+    directory = hf_config_dir(source)
     from transformers import AutoConfig
 
-    path = Path(source)
-    directory = path.parent if path.is_file() else path
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"'{path}' does not exist or has no config.json")
     return AutoConfig.from_pretrained(str(directory))
 
 
@@ -108,20 +100,24 @@ class Converter:
 
     # ------------------------------------------------------------ proofs
     def manifests(self, chunks=None) -> tuple[ir.Manifest, ir.Manifest]:
+        """Both sides' (key, shape, dtype). Without `chunks`, the Megatron model is built on the meta device:
+        shapes only, no memory, at any size (the HF model is always instantiated on meta)."""
         hf = manifests.hf_manifest(self.plan.architecture, self.hf_config, self.plan.format, self.spec.formats)
-        chunks = chunks if chunks is not None else self.build_model()
+        chunks = chunks if chunks is not None else self.build_model(device="meta")
         return hf, manifests.mcore_manifest(chunks, self.plan.model)
 
-    def check(self, chunks=None) -> ir.Plan:
+    def check(self, chunks=None, manifests: tuple[ir.Manifest, ir.Manifest] | None = None) -> ir.Plan:
         """Prove coverage, uniqueness and shapes against both manifests (a `SpecError` otherwise)."""
         spec = self.spec
-        return compiler.check(self.plan, *self.manifests(chunks), sources={spec.file: spec.source})
+        return compiler.check(self.plan, *(manifests or self.manifests(chunks)), sources={spec.file: spec.source})
 
     # ------------------------------------------------------------ models and weights
-    def build_model(self, params_dtype=None, extra_transformer: dict | None = None) -> list:
+    def build_model(self, params_dtype=None, extra_transformer: dict | None = None, device=None) -> list:
         """This rank's model chunk(s); `extra_transformer` adds TransformerConfig fields the spec does not set
-        (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split)."""
-        return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
+        (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split). `device="meta"`: parameters
+        without storage (what a manifest needs)."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
 
     def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None) -> CheckpointReader:
         reader = CheckpointReader(hf_dir)

@@ -11,14 +11,21 @@
 
 Every command runs multi-rank under torchrun with --tp/--pp/--ep/--etp/--vpp; progress shows on rank 0 only.
 Spec and checkpoint errors are printed without a traceback, and the exit status is 2.
+
+Start-up: this module imports only the standard library; input paths are checked (`specbridge.inputs`) before a
+command imports torch, megatron-core or transformers, so `--help` and a wrong path answer at once. Warnings
+of the dependencies that the user cannot act on (megatron-core's "Transformer Engine and Apex are not
+installed", its internal deprecations) are silenced unless `--verbose`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specbridge", description="Proved-correct weight conversion between "
                                      "Hugging Face Transformers and Megatron-Core.")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the dependencies' warnings (e.g. megatron-core's missing Transformer Engine)")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # every command takes --verbose
 
     def parallel_flags(p):
         for flag in ("tp", "pp", "ep"):
@@ -80,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     spec_flags(p, False)
     parallel_flags(p)
     p.add_argument("--atol", type=float, default=None, help="also require max |logit diff| <= ATOL")
-    p.add_argument("--min-cosine", type=float, default=0.99999)
-    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--min-cosine", type=float, default=None, help="require cosine >= this (default 0.99999)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence compared (default 32)")
     p = sub.add_parser("demo", help="convert an embedded tiny model HF -> Megatron -> HF and prove it")
     p.add_argument("--family", default="qwen3_moe", choices=DEMO_FAMILIES, help="the embedded tiny model")
     return parser
@@ -89,9 +101,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_dependencies(args.verbose)
     from .errors import SpecbridgeError, SpecError
 
     try:
+        _check_inputs(args)
         return COMMANDS[args.command](args)
     except SpecError as exc:  # a user's mistake: one clean report, exit 2; anything else is a bug (traceback)
         print(exc.render(), file=sys.stderr)
@@ -102,6 +116,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------- helpers
+
+# (module, category, message) of warnings nobody running the command can act on: how megatron-core was
+# installed (no Transformer Engine or Apex on a CPU machine), its internal deprecations, and the deprecations
+# torch's distributed checkpointing raises for megatron-core's own calls
+QUIET_WARNINGS = (
+    (r"megatron(\..*)?$", Warning, ""),
+    (r"torch\.distributed\.checkpoint(\..*)?$", FutureWarning, ""),
+)
+
+
+def _quiet_dependencies(verbose: bool) -> None:
+    """Install the warning filters before megatron-core is imported (its warnings fire at import time)."""
+    if verbose:
+        return
+    for module, category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+def _check_inputs(args) -> None:
+    """The paths a command reads, checked before it imports anything heavy (a wrong path answers at once); a
+    spec is also parsed and validated first (its errors come before any other file is read, as in the API)."""
+    from . import compiler, inputs
+
+    if getattr(args, "spec", None) is not None:
+        compiler.load(inputs.spec_path(args.spec))
+    for name in ("config", "hf_dir"):
+        if getattr(args, name, None) is not None:
+            inputs.hf_config_dir(getattr(args, name))
+    if getattr(args, "mcore_dir", None) is not None:
+        inputs.existing_dir(args.mcore_dir)
 
 
 def _init(args):
@@ -144,8 +189,8 @@ def _converter_from_args(args, config_source):
 def cmd_check(args) -> int:
     _init(args)
     conv = _converter_from_args(args, args.config)
-    plan = conv.check()
-    hf, mcore = conv.manifests()
+    hf, mcore = conv.manifests()  # the Megatron model on the meta device: no memory at any size
+    plan = conv.check(manifests=(hf, mcore))
     tied = sum(1 for s in plan.sentinels)
     _say(f"{plan.spec} ({plan.architecture}, format '{plan.format}'): coverage proved")
     _say(f"  hf:    {len(hf.tensors)} tensors, each consumed exactly once or named by a sentinel")
@@ -225,12 +270,13 @@ def cmd_roundtrip(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    from .verify import parity
+    from .verify import MIN_COSINE, parity
 
     _init(args)
     result = parity(args.hf_dir, spec=args.spec, seq_len=args.seq_len)
-    _say(result.summary())
-    return 0 if result.ok(args.min_cosine, args.atol) else 1
+    min_cosine = MIN_COSINE if args.min_cosine is None else args.min_cosine
+    _say(result.summary(min_cosine, args.atol))
+    return 0 if result.ok(min_cosine, args.atol) else 1
 
 
 def cmd_demo(args) -> int:

@@ -266,7 +266,7 @@ class _Emitter:
         for rule in t.rules:
             lines += [f"{INDENT * 2}# rule {rule.index}: {self.file}:{rule.span.line}",
                       *_render(self.data(rule), INDENT * 2, trail=",")]
-        return [*lines, f"{INDENT}),", ")"]
+        return [*lines, f"{INDENT}),", f"{INDENT}span={self.span(t.span)},", ")"]
 
     def data(self, obj):
         """A template object as a constructor call: required fields positionally, defaulted fields by keyword

@@ -315,9 +315,7 @@ def subscript(value, index, span: Span):
         raise EvalError(span, f"cannot index {_kind(value)}: only lists, strings and mappings have entries")
     try:
         result = value[index]
-    except (IndexError, KeyError) as exc:
-        raise EvalError(span, f"cannot index {type(value).__name__} with {index!r}: {exc}") from None
-    except Exception as exc:  # a config's list view refused the index
+    except Exception as exc:  # out of range, no such key, or a config's list view refused the index
         raise EvalError(span, f"cannot index {type(value).__name__} with {index!r}: {exc}") from None
     if not is_data(result):
         raise EvalError(span, f"entry {index!r} of {type(value).__name__} is not a config value")

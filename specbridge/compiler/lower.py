@@ -45,7 +45,7 @@ def lower(spec: ast.Spec) -> Templates:
         spec.name, spec.file, digest(spec.source), spec.model,
         tuple(Architecture(a.name, a.prefix, a.config) for a in spec.architectures), tuple(spec.formats),
         tuple(Requirement(_value(r, ()), to_text(r)) for r in spec.requires), config,
-        tuple(_rule(rule) for rule in spec.rules), tuple(spec.symbols))
+        tuple(_rule(rule) for rule in spec.rules), tuple(spec.symbols), spec.span)
 
 
 def hf_path(expr, symbols) -> str | None:

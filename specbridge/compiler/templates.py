@@ -156,3 +156,4 @@ class Templates:
     config: tuple[ConfigTemplate, ...]
     rules: tuple[Rule, ...]
     symbols: tuple = ()  # `ast.SymbolDef`s the expressions refer to (empty in a bridge: it calls functions)
+    span: Span | None = None  # the spec as a whole (where a config-wide refusal is shown)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import ast
-from specbridge.errors import SpecError
+from specbridge.errors import SpecError, UsageError
 
 from .diagnostics import Diagnostic, DiagnosticSink, Span
 from .expressions import parse as parse_text
@@ -32,7 +32,10 @@ def load_spec(path: str | Path) -> ast.Spec:
 
 def read_spec_text(path: Path) -> str:
     """The text of a spec file; bytes that are not UTF-8 are a spanned error, not a traceback."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read spec '{path}': {exc.strerror or exc}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -184,3 +184,18 @@ def test_a_budget_bounds_many_evaluations_together():
     assert [evaluate(node, scope.with_captures(i=k)) for k in range(3)] == [60] * 3
     with pytest.raises(EvalError, match="take too long to evaluate for this config"):
         evaluate(node, scope)
+
+
+def test_the_evaluator_imports_no_parser():
+    """Emitted bridges import the function table and the config accessor: no parser, YAML or transformers."""
+    import ast as pyast
+    from pathlib import Path
+
+    import specbridge.compiler.evaluate as module
+
+    tree = pyast.parse(Path(module.__file__).read_text())
+    names = {"." * n.level + (n.module or "") for n in pyast.walk(tree) if isinstance(n, pyast.ImportFrom)}
+    names |= {a.name for n in pyast.walk(tree) if isinstance(n, pyast.Import) for a in n.names}
+    assert names <= {"__future__", "math", "operator", "sys", "collections.abc", "dataclasses", "..dsl",
+                     "..dsl.diagnostics", "..errors"}, names
+    assert "lark" not in Path(module.__file__).read_text() and "yaml" not in Path(module.__file__).read_text()

@@ -505,6 +505,7 @@ TEMPLATES = Templates(
             when=Value(lambda cfg: sym_moe(cfg), Span(FILE, 128, 11, 3)),
         ),
     ),
+    span=Span(FILE, 4, 1),
 )
 
 

@@ -374,6 +374,7 @@ TEMPLATES = Templates(
             ),
         ),
     ),
+    span=Span(FILE, 2, 1),
 )
 
 

@@ -395,6 +395,7 @@ TEMPLATES = Templates(
             ),
         ),
     ),
+    span=Span(FILE, 2, 1),
 )
 
 

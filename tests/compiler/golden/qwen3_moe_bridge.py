@@ -509,6 +509,7 @@ TEMPLATES = Templates(
             format="per_expert",
         ),
     ),
+    span=Span(FILE, 2, 1),
 )
 
 
