@@ -77,13 +77,14 @@ def read_config_json(source: str | Path) -> dict:
 
 def hf_config_from_dict(config: dict):
     """transformers' config object for a config.json dict (its `model_type` picks the class)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     try:
         return AutoConfig.for_model(**config)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
         raise UsageError(f"the HF config (model_type {config.get('model_type')!r}) does not load: "
-                         f"{type(exc).__name__}: {exc}") from None
+                         f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
 
 
 def portable_config(hf_config) -> dict:
@@ -204,12 +205,18 @@ def detect_format(conv: Converter, keys: set[str]) -> str:
     formats = conv.spec.formats
     if len(formats) == 1:
         return formats[0]
+    missing = {}
     for fmt in formats:
         plan = conv.with_format(fmt).plan
         if plan.hf_keys() <= keys:
             return fmt
+        missing[fmt] = sorted(plan.hf_keys() - keys)
+    closest = min(formats, key=lambda f: len(missing[f]))
+    lacks = missing[closest]
+    more = f" and {len(lacks) - 1} more" if len(lacks) > 1 else ""
     raise ConversionError(f"the checkpoint's keys match none of the formats {list(formats)} of spec "
-                          f"'{conv.plan.spec}'")
+                          f"'{conv.plan.spec}': the closest, '{closest}', needs '{lacks[0]}'{more}, which the "
+                          f"checkpoint lacks", key=lacks[0])
 
 
 def hf_config_from_mcore(conv: Converter, transformer_config) -> dict:

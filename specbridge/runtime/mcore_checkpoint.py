@@ -322,8 +322,18 @@ def load(chunks, directory: str | Path) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
+    """The gist of a loader's exception, on one line: the first rank's failure of a CheckpointException, the
+    refused global of torch's weights-only unpickler."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        first = first[0] if isinstance(first, tuple) and first else first
+        return f"{type(first).__name__}: {_first_line(first)}"
+    text = str(exc)
+    if "WeightsUnpickler error: " in text:
+        text = text.split("WeightsUnpickler error: ", 1)[1].split(". Please use", 1)[0]
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 def carried_files(directory: str | Path, meta: dict) -> list[Path]:
