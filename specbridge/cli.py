@@ -228,7 +228,7 @@ def cmd_export(args) -> int:
     conv = Converter.from_config(hf_config_from_dict(meta["hf_config"]), spec, meta["architecture"],
                                  args.format or meta["format"])
     conv = dataclasses.replace(conv, source_config=meta["hf_config"])
-    params_dtype = mcore_checkpoint.tensor_dtype(args.mcore_dir) or dtypes.CHOICES.get(meta.get("dtype"))
+    params_dtype = dtypes.CHOICES.get(meta.get("dtype")) or mcore_checkpoint.tensor_dtype(args.mcore_dir)
     chunks = conv.build_model(params_dtype=params_dtype)
     mcore_checkpoint.load(chunks, args.mcore_dir)
     update, close = _progress(len(conv.plan.mappings), "export")

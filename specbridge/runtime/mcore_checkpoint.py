@@ -293,11 +293,17 @@ def dist_directory(directory: str | Path) -> Path:
 
 
 def tensor_dtype(directory: str | Path) -> torch.dtype | None:
-    """The dtype of the checkpoint's floating tensors when it is one (the model is rebuilt in it)."""
+    """The dtype of most of the checkpoint's floating-point numbers (megatron-core keeps some norms in fp32
+    whatever the parameters' dtype); None when it holds none."""
+    import math
+
     metadata = vet(dist_directory(directory))
-    found = {getattr(getattr(m, "properties", None), "dtype", None) for m in metadata.state_dict_metadata.values()}
-    floats = {d for d in found if isinstance(d, torch.dtype) and d.is_floating_point}
-    return floats.pop() if len(floats) == 1 else None
+    counts: dict[torch.dtype, int] = {}
+    for entry in metadata.state_dict_metadata.values():
+        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + math.prod(entry.size)
+    return max(counts, key=counts.get) if counts else None
 
 
 def load(chunks, directory: str | Path) -> None:
