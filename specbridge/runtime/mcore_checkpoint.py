@@ -64,6 +64,7 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
     """Write the checkpoint of `chunks` (every rank its shards) with `metadata` (see `conversion_metadata`), the
     spec's text, and the HF files of `hf_dir` that an export carries over."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     config = chunks[0].config
     with collectives.staged_output(target, overwrite, inputs=[hf_dir] if hf_dir else ()) as staging:
@@ -76,8 +77,8 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
         with _writers_die_with_us():
             try:
                 dist_checkpointing.save(state, str(release))
-            except RuntimeError as exc:
-                raise _os_error_in(exc) or exc
+            except (RuntimeError, CheckpointException) as exc:
+                raise _write_failure(exc, release) or exc
         if collectives.world()[0] == 0:
             (staging / TRACKER).write_text(RELEASE)
             (release / RUN_CONFIG).write_text(run_config(config, model_kwargs or {}))
@@ -89,14 +90,25 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
     return Path(target)
 
 
-def _os_error_in(exc: BaseException) -> ConversionError | None:
-    """megatron-core's writer reports an OSError of its writer processes (a full disk) as a RuntimeError."""
-    seen = exc
+def _write_failure(exc: BaseException, where: Path) -> ConversionError | None:
+    """megatron-core's writer reports what failed in its writer processes (an OSError, a full disk: torch's zip
+    writer then fails with 'unexpected pos') as a RuntimeError: that is the environment's error, named with the
+    space left; any other RuntimeError is a bug (None)."""
+    seen, chain = exc, []
     while seen is not None:
-        if isinstance(seen, OSError) or "No space left" in str(seen):
-            return ConversionError(f"writing the Megatron checkpoint failed: {seen}")
-        seen = seen.__cause__ or seen.__context__
-    return None
+        chain.append(seen)
+        failures = getattr(seen, "failures", None)  # a CheckpointException: {rank: failure}
+        if isinstance(failures, dict) and failures:
+            first = next(iter(failures.values()))
+            seen = first[0] if isinstance(first, tuple) and first else first
+        else:
+            seen = seen.__cause__ or seen.__context__
+        seen = seen if isinstance(seen, BaseException) else None
+    if not any(isinstance(e, OSError) or str(e).startswith("Worker failure") for e in chain):
+        return None
+    free = shutil.disk_usage(where).free
+    return ConversionError(f"writing the Megatron checkpoint failed ({free} bytes free on its disk): "
+                           f"{_first_line(chain[-1])}", rank=collectives.world()[0])
 
 
 def _carry(hf_dir: Path, into: Path) -> list[str]:

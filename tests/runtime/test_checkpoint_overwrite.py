@@ -131,3 +131,31 @@ def test_kill_mid_save_leaves_no_orphan_and_the_old_output(hf, tmp_path, paralle
     capsys.readouterr()
     assert main(["import", str(hf), str(out), "--overwrite"]) == 0
     assert "left by an interrupted run" in capsys.readouterr().err and siblings(out) == []
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (needs the right to mount; skipped otherwise)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_is_one_clean_error(hf, small_disk, tmp_path, parallel, capsys):
+    capsys.readouterr()
+    assert main(["import", str(hf), str(small_disk / "mcore")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("specbridge import: error: ")
+    assert "writing the Megatron checkpoint failed" in err and list(small_disk.iterdir()) == []
+    assert main(["import", str(hf), str(tmp_path / "mcore")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "mcore"), str(small_disk / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("specbridge export: error: ")
+    assert "No space left" in err and list(small_disk.iterdir()) == []
