@@ -42,7 +42,9 @@ def test_layout_is_megatron_lms(mcore):
     assert (mcore / "latest_checkpointed_iteration.txt").read_text() == "release"
     release = mcore / "release"
     assert json.loads((release / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
-    common = torch.load(release / "common.pt", weights_only=True)
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    common = load_common_state_dict(str(release))  # common.pt, or (megatron-core 0.19) inside the .distcp
     assert common["checkpoint_version"] == 3.0 and common["iteration"] == 0
     args = vars(common["args"])
     expected = {"num_layers": 3, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
