@@ -330,7 +330,7 @@ def load(chunks, directory: str | Path) -> None:
     except (CheckpointException, EOFError, AssertionError, AttributeError, KeyError, ValueError, TypeError,
             RuntimeError, OSError, pickle.UnpicklingError) as exc:
         raise ConversionError(f"the Megatron checkpoint '{dist_dir}' is damaged or does not fit the model: "
-                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+                              f"{type(exc).__name__}: {_first_line(exc) or 'no message'}") from None
     states = [state["model"]] if len(chunks) == 1 else [state[f"model{k}"] for k in range(len(chunks))]
     for chunk, chunk_state in zip(chunks, states):
         result = chunk.load_state_dict(chunk_state, strict=False)
@@ -346,7 +346,7 @@ def _first_line(exc: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         first = next(iter(failures.values()))
         first = first[0] if isinstance(first, tuple) and first else first
-        return f"{type(first).__name__}: {_first_line(first)}"
+        return f"{type(first).__name__}: {_first_line(first) or 'no message'}"
     text = str(exc)
     if "WeightsUnpickler error: " in text:
         text = text.split("WeightsUnpickler error: ", 1)[1].split(". Please use", 1)[0]

@@ -119,7 +119,7 @@ def test_kill_mid_save_leaves_no_orphan_and_the_old_output(hf, tmp_path, paralle
                            stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: flag.exists() or run.poll() is not None), "the writer never started"
-        assert run.poll() is None and len(alive_in_session(run.pid)) >= 2  # the CLI and its writer process
+        assert run.poll() is None  # blocked inside the writer (a forked process, or a thread in megatron-core 0.19)
         os.kill(run.pid, signal.SIGKILL)
         run.wait()
         assert wait_for(lambda: not alive_in_session(run.pid), 60), alive_in_session(run.pid)
