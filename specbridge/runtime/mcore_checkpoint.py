@@ -295,7 +295,8 @@ def dist_directory(directory: str | Path) -> Path:
         if (directory / "metadata.json").is_file():
             return directory
         raise ConversionError(f"'{directory}' holds no Megatron checkpoint (no {TRACKER}, no metadata.json)")
-    text = tracker.read_bytes()[:64].decode("ascii", "replace").strip()
+    with open(tracker, "rb") as f:
+        text = f.read(64).decode("ascii", "replace").strip()
     if text != RELEASE and not (text.isdigit() and len(text) <= 7):
         raise ConversionError(f"'{tracker}' names neither 'release' nor an iteration: {text[:20]!r}")
     inner = directory / (RELEASE if text == RELEASE else f"iter_{int(text):07d}")
@@ -312,9 +313,9 @@ def tensor_dtype(directory: str | Path) -> torch.dtype | None:
     metadata = vet(dist_directory(directory))
     counts: dict[torch.dtype, int] = {}
     for entry in metadata.state_dict_metadata.values():
-        dtype = getattr(getattr(entry, "properties", None), "dtype", None)
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-            counts[dtype] = counts.get(dtype, 0) + math.prod(entry.size)
+        dtype, size = getattr(getattr(entry, "properties", None), "dtype", None), getattr(entry, "size", ())
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and all(isinstance(n, int) for n in size):
+            counts[dtype] = counts.get(dtype, 0) + math.prod(size)
     return max(counts, key=counts.get) if counts else None
 
 
@@ -357,6 +358,8 @@ def _first_line(exc: BaseException) -> str:
 def carried_files(directory: str | Path, meta: dict) -> list[Path]:
     """The carried HF files recorded in `meta`, inside the checkpoint's `hf/` (plain names, no links out)."""
     base = Path(directory) / HF_FILES
+    if base.is_symlink():
+        raise ConversionError(f"'{base}' is a link: carried HF files are read only from inside the checkpoint")
     return [shard_path(base, name) for name in meta["hf_files"] if (base / name).is_file()]
 
 
@@ -398,18 +401,21 @@ def vet(dist_dir: Path):
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     for index, info in metadata.storage_data.items():
-        name = getattr(info, "relative_path", None)
-        if not isinstance(name, str):
-            raise ConversionError(f"'{dist_dir / '.metadata'}' is damaged: a storage entry has no file name")
+        name, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
+        fqn = getattr(index, "fqn", None)
+        if not (isinstance(name, str) and isinstance(fqn, str) and all(isinstance(n, int) and n >= 0
+                                                                       for n in (offset, length))):
+            raise ConversionError(f"'{dist_dir / '.metadata'}' is damaged: a storage entry is not (file, offset, "
+                                  f"length)")
         path = shard_path(dist_dir, name)
         if not path.is_file():
             raise ConversionError(f"'{dist_dir / '.metadata'}' names storage file '{name}', which does not exist")
         if getattr(info, "transform_descriptors", None):
             raise ConversionError(f"'{path}': transformed (e.g. compressed) storage is not supported")
-        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+        if isinstance(metadata.state_dict_metadata.get(fqn), BytesStorageMetadata):
             with open(path, "rb") as f:
-                f.seek(info.offset)
-                _vet_torch(f.read(info.length), f"item '{index.fqn}' of '{path}'")
+                f.seek(offset)
+                _vet_torch(f.read(length), f"item '{fqn}' of '{path}'")
     return metadata
 
 
@@ -423,7 +429,8 @@ def _vet_metadata(path: Path):
         raise ConversionError(f"refusing '{path}': {_first_line(exc) or type(exc).__name__}") from None
     from torch.distributed.checkpoint.metadata import Metadata
 
-    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_data", None), dict) or \
+            not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
         raise ConversionError(f"refusing '{path}': not a torch.distributed.checkpoint Metadata")
     return metadata
 

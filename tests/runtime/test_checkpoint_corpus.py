@@ -54,6 +54,7 @@ CASES = [
     ("common_pt_runs_code", "export", "evil_common", "refusing"),
     ("byte_item_runs_code", "export", "evil_byte_item", "refusing item"),
     ("storage_path_leaves", "export", "storage_path:../outside.distcp", "not a plain file name"),
+    ("storage_entry_malformed", "export", "storage_offset", "a storage entry is not (file, offset, length)"),
     ("distcp_truncated", "export", "truncate:release/__0_0.distcp", "damaged"),
     ("distcp_missing", "export", "remove:release/*.distcp", "does not exist"),
     ("metadata_json_missing", "export", "remove:release/metadata.json", "missing or damaged"),
@@ -65,6 +66,7 @@ CASES = [
     ("spec_edited_since_import", "export", "spec_edited", "no spec with that content is at hand"),
     ("spec_path_not_followed", "export", "old_meta_evil_path", "no spec with that content is at hand"),
     ("hf_file_path_leaves", "export", "meta_hf_files_escape", "'hf_files' must list carried HF files"),
+    ("hf_files_dir_symlink", "export", "hf_symlink", "carried HF files are read only from inside"),
     ("hf_config_broken", "export", "meta_hf_config_broken", "does not load"),
     ("not_a_checkpoint", "export", "empty_dir", "no specbridge.json"),
     ("export_output_exists", "export", "output_exists", "pass --overwrite"),
@@ -306,6 +308,20 @@ def _storage_path(src, work, out, arg):
     _rewrite_metadata(src, change)
 
 
+def _storage_offset(src, work, out, arg):
+    def change(metadata):
+        index = next(iter(metadata.storage_data))
+        info = metadata.storage_data[index]
+        metadata.storage_data[index] = type(info)(info.relative_path, "0", info.length)
+
+    _rewrite_metadata(src, change)
+
+
+def _hf_symlink(src, work, out, arg):
+    shutil.move(src / "hf", work / "hf_elsewhere")
+    os.symlink(work / "hf_elsewhere", src / "hf")
+
+
 def _tracker(src, work, out, arg):
     (src / "latest_checkpointed_iteration.txt").write_text(arg)
 
@@ -376,7 +392,8 @@ def _empty_dir(src, work, out, arg):
 
 
 _MCORE = {"evil_metadata": _evil_metadata, "truncate": _truncate, "remove": _remove, "evil_common": _evil_common,
-          "evil_byte_item": _evil_byte_item, "storage_path": _storage_path, "tracker": _tracker,
+          "evil_byte_item": _evil_byte_item, "storage_path": _storage_path, "storage_offset": _storage_offset,
+          "hf_symlink": _hf_symlink, "tracker": _tracker,
           "release_symlink": _release_symlink, "meta_garbage": _meta_garbage, "meta_list": _meta_list,
           "meta_no_spec": _meta_no_spec, "spec_edited": _spec_edited, "old_meta_evil_path": _old_meta_evil_path,
           "meta_hf_files_escape": _meta_hf_files_escape, "meta_hf_config_broken": _meta_hf_config_broken,
