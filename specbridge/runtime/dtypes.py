@@ -76,10 +76,15 @@ class Cast:
 
 
 def census(reader) -> dict[torch.dtype, list[str]]:
-    """The checkpoint's tensors by dtype (keys sorted)."""
+    """The checkpoint's tensors by dtype (keys sorted). A tensor whose header cannot be read is left out: the
+    import reads it and reports it there, with the rule and rank that needed it."""
     out: dict[torch.dtype, list[str]] = {}
     for key in sorted(reader.keys()):
-        out.setdefault(from_safetensors(reader.dtype(key), key), []).append(key)
+        try:
+            name = reader.dtype(key)
+        except ConversionError:
+            continue
+        out.setdefault(from_safetensors(name, key), []).append(key)
     return out
 
 
@@ -114,7 +119,10 @@ def import_casts(plan: ir.Plan, reader, params_dtype: torch.dtype) -> tuple[Cast
             if source.key in seen or source.key not in reader.keys():
                 continue
             seen.add(source.key)
-            dtype = from_safetensors(reader.dtype(source.key), source.key)
+            try:
+                dtype = from_safetensors(reader.dtype(source.key), source.key)
+            except ConversionError:
+                continue  # unreadable: reported by the import, located
             if dtype != params_dtype:
                 out.append(Cast(source.key, dtype, params_dtype))
     return tuple(out)
