@@ -17,7 +17,7 @@ from ..compiler import ir
 from ..errors import ConversionError
 from . import parallel
 from .collectives import agree
-from .ops import run_export
+from .ops import cast, run_export
 from .parallel import Topology
 from .placement import local_tensors, owner, tp_of, writes
 from .tp import tp_concat
@@ -110,7 +110,7 @@ def _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent) -> int:
     local = tensors.get(mapping.mcore)  # None for an expert gathered from another EP rank
     count = 0
     for source in mapping.sources:
-        tensor = parts[source.part].to(hf_dtype) if hf_dtype is not None else parts[source.part]
+        tensor = cast(parts[source.part], hf_dtype) if hf_dtype is not None else parts[source.part]
         if source.index is not None:
             count += sink.add_slice(source.key, source.index, lengths[source.key], tensor)
             continue

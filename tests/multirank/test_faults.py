@@ -26,7 +26,7 @@ HANG_GUARD = 600  # seconds; generous, a guard against hangs only
 
 def _no_output(out):
     assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+    assert not list(out.parent.glob(f".{out.name}.specbridge-*"))
 
 
 def torchrun_logged(nproc: int, args: list[str], logs: Path):
