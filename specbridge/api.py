@@ -24,7 +24,7 @@ from . import compiler
 from .compiler import ir
 from .compiler.invert import invert_config
 from .errors import ConversionError, SpecError, UsageError
-from .inputs import builtin_specs, spec_path
+from .inputs import builtin_specs, hf_config_file, spec_path
 from .runtime import collectives, dtypes, exporter, importer, manifests
 from .runtime.parallel import Topology, current_topology
 from .runtime.build import build_chunks
@@ -58,10 +58,7 @@ def load_hf_config(source):
 
 def read_config_json(source: str | Path) -> dict:
     """The `config.json` of a checkpoint directory (or that file itself), as written."""
-    path = Path(source)
-    file = path if path.is_file() else path / "config.json"
-    if not file.is_file():
-        raise UsageError(f"'{path}' does not exist or has no config.json")
+    file = hf_config_file(source)
     try:
         config = json.loads(file.read_text())
     except (OSError, ValueError) as exc:

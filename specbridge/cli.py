@@ -173,7 +173,7 @@ def _check_inputs(args) -> None:
         compiler.load(inputs.spec_path(args.spec))
     for name in ("config", "hf_dir"):
         if getattr(args, name, None) is not None:
-            inputs.hf_config_dir(getattr(args, name))
+            inputs.hf_config_file(getattr(args, name))
     if getattr(args, "mcore_dir", None) is not None:
         inputs.existing_dir(args.mcore_dir)
 

@@ -31,13 +31,13 @@ def spec_path(spec: str | Path) -> Path:
     return path
 
 
-def hf_config_dir(source: str | Path) -> Path:
-    """The directory holding `config.json`, given a checkpoint directory or a config.json path."""
+def hf_config_file(source: str | Path) -> Path:
+    """The `config.json` of a checkpoint directory, or the config file itself."""
     path = Path(source)
-    directory = path.parent if path.is_file() else path
-    if not (directory / "config.json").is_file():
+    file = path if path.is_file() else path / "config.json"
+    if not file.is_file():
         raise UsageError(f"'{path}' does not exist or has no config.json")
-    return directory
+    return file
 
 
 def existing_dir(path: str | Path) -> Path:

@@ -54,14 +54,14 @@ def tiny_config(tmp_path_factory) -> Path:
 
 
 def test_a_command_prints_no_dependency_warnings(tiny_config):
-    done = run("-m", "specbridge", "check", "llama", "--config", str(tiny_config))
+    done = run("-m", "specbridge", "check", "llama", "--config", str(tiny_config / "config.json"))
     assert done.returncode == 0 and "coverage proved" in done.stdout, done.stderr
     assert "Transformer Engine" not in done.stderr and "Apex" not in done.stderr
     assert "warn" not in done.stderr.lower(), done.stderr
 
 
 def test_verbose_keeps_them(tiny_config):
-    done = run("-m", "specbridge", "check", "llama", "--config", str(tiny_config), "--verbose")
+    done = run("-m", "specbridge", "check", "llama", "--config", str(tiny_config / "config.json"), "--verbose")
     assert done.returncode == 0, done.stderr
     assert "Apex is not installed" in done.stderr
 
