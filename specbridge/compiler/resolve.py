@@ -125,29 +125,28 @@ def _config_entries(templates: Templates, values: "_Values", sink: DiagnosticSin
 
 
 def _domains(templates: Templates, config, sink: DiagnosticSink) -> dict[str, range]:
-    """Layer and expert indices from `num_layers` and `num_moe_experts` (absent, null or false: none); an absurd
-    count (more than `MAX_EXPANSION` (layer, expert) pairs) is refused instead of expanded."""
-    layers, experts = (_count(config, name, sink) for name in ("num_layers", "num_moe_experts"))
-    if layers * max(experts, 1) > MAX_EXPANSION:
-        sink.error(templates.span or Span(templates.file, 1, 1),
-                   f"this config has {layers} layers x {experts} experts: more than the {MAX_EXPANSION:,} "
-                   f"(layer, expert) pairs a spec may expand over")
-        sink.raise_if_any()
-    return {LAYER: range(layers), EXPERT: range(experts)}
-
-
-def _count(entries, name: str, sink: DiagnosticSink) -> int:
-    """The number of layers or experts a config entry gives (absent, null or false: none)."""
-    entry = next((e for e in entries if e.field == name), None)
-    value = None if entry is None else entry.value
-    if value is None or value is False:
-        return 0
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        sink.error(entry.span, f"'{name}' must be a non-negative integer, got {value!r}")
-        return 0
-    return value
+    """Layer and expert indices: `num_layers` (at least 1 when given) and `num_moe_experts` (0 or more; absent,
+    null or false: none); an absurd count (more than `MAX_EXPANSION` (layer, expert) pairs) is refused."""
+    domains = {LAYER: range(0), EXPERT: range(0)}
+    for kind, name, least in ((LAYER, "num_layers", 1), (EXPERT, "num_moe_experts", 0)):
+        entry = next((e for e in config if e.field == name), None)
+        if entry is None or entry.value is None or entry.value is False:
+            continue
+        value = entry.value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            sink.error(entry.span, f"'{name}' must be an integer of at least {least}, the HF config gives "
+                                   f"{entry.value!r}")
+            continue
+        domains[kind] = range(value)
+    pairs = len(domains[LAYER]) * max(len(domains[EXPERT]), 1)
+    if pairs > MAX_EXPANSION:  # an absurd config would expand for ever
+        entry = next(e for e in config if e.field == "num_layers")
+        sink.error(entry.span, f"this config has {len(domains[LAYER])} layers x {len(domains[EXPERT])} experts: more "
+                               f"than the {MAX_EXPANSION:,} (layer, expert) pairs a spec may expand over")
+        return {LAYER: range(0), EXPERT: range(0)}
+    return domains
 
 
 # ---------------------------------------------------------------- values

@@ -145,8 +145,8 @@ def test_an_op_that_cannot_be_inverted():
 
 
 def test_a_negative_layer_count_is_a_spanned_error():
-    with pytest.raises(SpecError, match=r"tiny\.yaml:8:5: error: 'num_layers' must be a non-negative integer, "
-                                        r"got -2"):
+    with pytest.raises(SpecError, match=r"tiny\.yaml:8:5: error: 'num_layers' must be an integer of at least 1, "
+                                        r"the HF config gives -2"):
         compile_plan(spec(), {**CONFIG, "num_hidden_layers": -2})
 
 
