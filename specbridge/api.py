@@ -120,7 +120,7 @@ class Converter:
     def build_model(self, params_dtype=None, extra_transformer: dict | None = None) -> list:
         """This rank's model chunk(s); `extra_transformer` adds TransformerConfig fields the spec does not set
         (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split)."""
-        return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
+        return build_chunks(self.plan, self.hf_config, params_dtype, extra_transformer)
 
     def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None) -> CheckpointReader:
         reader = CheckpointReader(hf_dir)
