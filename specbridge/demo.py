@@ -22,6 +22,17 @@ GEMMA4 = dict(vocab_size=128, hidden_size=64, intermediate_size=40, num_hidden_l
               final_logit_softcapping=30.0, max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1,
               attn_implementation="eager")
 GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24)
+# E2B / E4B style: per-layer embeddings (width 8) and a KV-shared tail (E2B's with the double-wide MLP); the shared
+# layers' K/V sources (the last non-shared layer of each type) sit before the tail
+GEMMA4_E2B = dict(GEMMA4, num_hidden_layers=6, layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                            "sliding_attention", "sliding_attention", "full_attention"],
+                  hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, num_kv_shared_layers=3,
+                  use_double_wide_mlp=True, attention_k_eq_v=False)
+GEMMA4_E4B = dict(GEMMA4, num_hidden_layers=7, layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                                                            "full_attention", "sliding_attention", "sliding_attention",
+                                                            "full_attention"],
+                  hidden_size_per_layer_input=12, vocab_size_per_layer_input=128, num_kv_shared_layers=2,
+                  attention_k_eq_v=False)
 CONFIG_CLASSES = {"Gemma4ForCausalLM": "Gemma4TextConfig"}
 
 FAMILIES = {
@@ -33,6 +44,8 @@ FAMILIES = {
     "qwen3_moe_unnormed": ("Qwen3MoeForCausalLM", {**MOE, "norm_topk_prob": False}),
     "gemma4_moe": ("Gemma4ForCausalLM", {**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True}),
     "gemma4_dense": ("Gemma4ForCausalLM", {**GEMMA4, "attention_k_eq_v": True}),
+    "gemma4_e2b": ("Gemma4ForCausalLM", GEMMA4_E2B),
+    "gemma4_e4b": ("Gemma4ForCausalLM", GEMMA4_E4B),
 }
 
 
