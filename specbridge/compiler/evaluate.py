@@ -26,20 +26,8 @@ _BINOPS = {
     "%": operator.mod, "**": operator.pow, "==": operator.eq, "!=": operator.ne, "<": operator.lt,
     "<=": operator.le, ">": operator.gt, ">=": operator.ge, "in": lambda a, b: a in b,
 }
-TABULATE_LIMIT = 4096  # the most entries `tabulate` builds (a per-layer list; real models have < 100 layers)
-
-
-def tabulate(f, n):
-    """`[f(0), ..., f(n-1)]` for a one-parameter symbol `f`: the spec's way to give builders per-layer lists."""
-    if not callable(f):
-        raise TypeError("tabulate(f, n) needs a symbol with one parameter as f")
-    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= TABULATE_LIMIT:
-        raise ValueError(f"tabulate(f, n) needs 0 <= n <= {TABULATE_LIMIT}, got {n!r}")
-    return [f(i) for i in range(n)]
-
-
 BUILTINS = {"min": min, "max": max, "len": len, "int": int, "float": float, "str": str, "bool": bool,
-            "sum": sum, "any": any, "all": all, "tabulate": tabulate}
+            "sum": sum, "any": any, "all": all}
 
 
 def config_value(config, name: str):
