@@ -40,11 +40,12 @@ def load(path: str | Path):
 
 def compile_plan(spec, hf_config, architecture: str | None = None, fmt: str | None = None,
                  manifests: tuple[ir.Manifest, ir.Manifest] | None = None) -> ir.Plan:
-    """Resolve, (check when manifests are given), invert and order. Cached on spec digest + config."""
+    """Resolve, (check when manifests are given: the plan then has its subtrees expanded against the HF
+    manifest), invert and order. Cached on spec digest + config."""
     key = type(hf_config).__qualname__ + json.dumps(_config_dict(hf_config), sort_keys=True, default=str)
     plan = _compiled(spec, key, architecture, fmt, _Opaque(hf_config))
     if manifests is not None:
-        check(plan, *manifests, sources={spec.file: spec.source})
+        plan = check(plan, *manifests, sources={spec.file: spec.source})
     return plan
 
 

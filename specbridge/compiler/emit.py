@@ -30,7 +30,7 @@ from .validate import captures_of
 WIDTH = 119
 INDENT = "    "
 IMPORTS = ("BRACKET", "AddConst", "Cast", "ConfigEntry", "FillAbsent", "Fuse", "Layout", "Mapping", "Plan",
-           "ScaleBy", "Sentinel", "Shard", "Source", "Span", "field", "invert", "order", "pattern_key",
+           "ScaleBy", "Sentinel", "Shard", "Source", "Span", "Subtree", "field", "invert", "order", "pattern_key",
            "run_export", "run_import", "select_architecture", "size", "stacks_of", "text_config")
 # names the generated code uses itself: a capture, binding or parameter spelled like one gets a trailing "_"
 RESERVED = {*IMPORTS, *FUNCTIONS, "cfg", "prefix", "layers", "experts", "layout", "program", "absent", "torch",
@@ -303,6 +303,10 @@ class _Emitter:
             indent += INDENT
         if rule.sentinel is not None:
             return lines + self.sentinel(rule, env, indent)
+        if rule.mcore.subtree:
+            node = _Call("Subtree", (str(rule.index), self.span(rule.span), self.key(rule.hf[0][1], env) + ' + "."',
+                                     self.key(rule.mcore, env) + ' + "."'))
+            return lines + _render(node, indent, lead="yield ")
         return lines + self.mapping(rule, env, kinds, indent)
 
     def key(self, pattern: ast.Pattern, env: dict[str, str]) -> str:
@@ -489,8 +493,9 @@ def plan(hf_config, architecture: str | None = None, fmt: str | None = None) -> 
              for item in rule(cfg, prefix, layers, experts)]
     mappings = tuple(item for item in items if isinstance(item, Mapping))
     sentinels = tuple(item for item in items if isinstance(item, Sentinel))
+    subtrees = tuple(item for item in items if isinstance(item, Subtree))
     resolved = Plan(SPEC, FILE, DIGEST, arch, prefix, fmt, MODEL, config, mappings, sentinels, len(layers),
-                    len(experts), stacks_of(mappings))
+                    len(experts), stacks_of(mappings), subtrees)
     return order(invert(resolved))'''.split("\n")
 
 _CONVERSIONS = '''

@@ -8,6 +8,7 @@ A `Plan` is the checked, ordered result the runtime executes; it never refers ba
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..dsl.diagnostics import Span
@@ -145,6 +146,18 @@ class Sentinel:
 
 
 @dataclass(frozen=True, slots=True)
+class Subtree:
+    """A whole module subtree mapped 1:1 (same tail, same shape, replicated): every HF tensor `hf_prefix + tail`
+    is the Megatron tensor `mcore_prefix + tail`. Expanded into ordinary mappings by `expand_subtrees` against
+    the HF keys (a manifest or a checkpoint), since the spec does not list the names below the prefix."""
+
+    rule: int
+    span: Span
+    hf_prefix: str  # ends with "."
+    mcore_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
 class ConfigEntry:
     """One Megatron config field computed from the HF config; `hf_path` is set when it can be written back."""
 
@@ -182,6 +195,7 @@ class Plan:
     num_layers: int
     num_experts: int
     stacks: tuple[tuple[str, int], ...] = field(default=())  # stacked HF keys and their lengths
+    subtrees: tuple[Subtree, ...] = field(default=())  # not yet expanded (see `expand_subtrees`)
 
     def transformer_kwargs(self) -> dict:
         return {e.field: e.value for e in self.config if e.section == "transformer"}
@@ -194,6 +208,24 @@ class Plan:
 
     def hf_keys(self) -> set[str]:
         return {s.key for m in self.mappings for s in m.sources if s.part not in m.absent_parts}
+
+
+def order_key(m: Mapping) -> tuple:
+    """The plan order: non-layer tensors first, then layer by layer; within a layer by rule, then expert."""
+    return (m.layer is not None, m.layer or 0, m.rule, m.expert or 0, m.mcore)
+
+
+def expand_subtrees(plan: Plan, hf_keys) -> Plan:
+    """`plan` with each subtree replaced by one identity mapping per HF key under its prefix (in plan order).
+    Pure; a plan without subtrees is returned as it is."""
+    if not plan.subtrees:
+        return plan
+    keys = sorted(hf_keys)
+    extra = [Mapping(t.rule, t.span, t.mcore_prefix + key[len(t.hf_prefix):], (Source("x", key),),
+                     Shard("replicated"), ())
+             for t in plan.subtrees for key in keys if key.startswith(t.hf_prefix)]
+    mappings = tuple(sorted((*plan.mappings, *extra), key=order_key))
+    return dataclasses.replace(plan, mappings=mappings, subtrees=())
 
 
 @dataclass(frozen=True, slots=True)

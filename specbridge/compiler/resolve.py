@@ -53,17 +53,17 @@ def resolve(spec: ast.Spec, hf_config, architecture: str | None = None, fmt: str
     values = {e.field: e.value for e in config}
     domains = {LAYER: range(int(values.get("num_layers") or 0)), EXPERT: range(int(values.get("num_moe_experts") or 0))}
     expander = _RuleExpander(scope, arch.prefix, domains, sink)
-    mappings, sentinels = [], []
+    mappings, sentinels, subtrees = [], [], []
     for rule in spec.rules:
         if rule.format is not None and rule.format != fmt:
             continue
         for item in expander.expand(rule):
-            (sentinels if isinstance(item, ir.Sentinel) else mappings).append(item)
+            {ir.Sentinel: sentinels, ir.Subtree: subtrees}.get(type(item), mappings).append(item)
     sink.raise_if_any()
     stacks = ir.stacks_of(mappings)
     return ir.Plan(spec.name, spec.file, digest(spec.source), arch.name, arch.prefix, fmt, spec.model,
                    tuple(config), tuple(mappings), tuple(sentinels), len(domains[LAYER]), len(domains[EXPERT]),
-                   stacks)
+                   stacks, tuple(subtrees))
 
 
 def digest(text: str) -> str:
@@ -119,7 +119,12 @@ class _RuleExpander:
             try:
                 if rule.when is not None and not self._eval(rule.when, scope, captures):
                     continue
-                yield self._sentinel(rule, scope) if rule.sentinel else self._mapping(rule, scope, kinds, captures)
+                if rule.mcore is not None and rule.mcore.subtree:
+                    yield ir.Subtree(rule.index, rule.span, self.key(rule.hf[0][1], scope) + ".",
+                                     self.key(rule.mcore, scope) + ".")
+                else:
+                    yield self._sentinel(rule, scope) if rule.sentinel else self._mapping(rule, scope, kinds,
+                                                                                          captures)
             except EvalError as exc:
                 self.sink.error(exc.span, exc.message)
                 return

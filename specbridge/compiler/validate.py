@@ -2,8 +2,9 @@
 
 In: an `ast.Spec`. Out: the same spec, or a `SpecError` with every problem found: capture kinds and arity
 (each capture bound once with a kind, used on both sides), unknown references, sentinel and op names and
-arguments, absent parts and their policies, layouts against the rule's parts, shard axes, formats, and
-rules that would claim the same tensor.
+arguments, absent parts and their policies, layouts against the rule's parts, shard axes, formats, subtree
+rules (`.**` on both sides, no captures, nothing but the two patterns), and rules that would claim the same
+tensor.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def validate(spec: ast.Spec) -> ast.Spec:
     _check_symbols(spec, sink)
     for rule in spec.rules:
         _check_captures(rule, sink)
-        if rule.sentinel is not None:
+        if any(p.subtree for p in _patterns(rule)):
+            _check_subtree(rule, sink)
+        elif rule.sentinel is not None:
             _check_sentinel(rule, sink)
         else:
             _check_mapping(rule, spec, sink)
@@ -115,6 +118,24 @@ def _check_sentinel(rule: ast.Rule, sink: DiagnosticSink) -> None:
     for key, present in (("layout", rule.layout), ("absent", rule.absent), ("ops", rule.ops)):
         if present:
             sink.error(rule.span, f"a sentinel rule cannot have '{key}'")
+
+
+def _check_subtree(rule: ast.Rule, sink: DiagnosticSink) -> None:
+    """`{hf: "a.**", mcore: "b.**"}` maps every tensor below `a.` to the same tail below `b.`, as it is."""
+    if rule.sentinel is not None or rule.mcore is None or len(rule.hf) != 1:
+        sink.error(rule.span, "a subtree rule ('.**') maps one hf pattern to one mcore pattern, both ending in '.**'")
+    for pattern in _patterns(rule):
+        if not pattern.subtree:
+            sink.error(pattern.span, "this pattern must end in '.**' too: a subtree maps to a subtree")
+        for piece in pattern.pieces():
+            if isinstance(piece, ast.Ref | ast.Capture) and piece.name not in PARAMETERS:
+                sink.error(piece.span, f"a subtree pattern cannot capture ('{piece.name}'): every name below the "
+                                       f"prefix maps 1:1 as it is")
+    for key, present in (("layout", rule.layout), ("absent", rule.absent), ("ops", rule.ops)):
+        if present:
+            sink.error(rule.span, f"a subtree rule cannot have '{key}': its tensors map 1:1, unchanged")
+    if rule.shard != "replicated":
+        sink.error(rule.shard_span, "a subtree rule is replicated: its tensors are not split by tensor parallelism")
 
 
 def _check_mapping(rule: ast.Rule, spec: ast.Spec, sink: DiagnosticSink) -> None:
@@ -221,4 +242,4 @@ def _check_duplicates(spec: ast.Spec, sink: DiagnosticSink) -> None:
 
 def _shape_of(pattern: ast.Pattern) -> tuple:
     return tuple(tuple(p.text if isinstance(p, ast.Literal) else ("{}" if p.name not in PARAMETERS else p.name)
-                       for p in seg) for seg in pattern.segments)
+                       for p in seg) for seg in pattern.segments) + ((("**",),) if pattern.subtree else ())

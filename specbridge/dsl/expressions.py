@@ -102,10 +102,15 @@ class _ToAst(Transformer):
 
     # patterns
     def pattern(self, meta, c):
+        subtree = bool(c) and c[-1] is _SUBTREE
+        c = c[:-1] if subtree else c
         index = c[-1] if c and isinstance(c[-1], _StackRef) else None
         segments = tuple(c[:-1] if index is not None else c)
         stack = ast.Ref(index.name, index.span) if index is not None else None
-        return ast.Pattern(segments, stack, self.text, self._span(meta))
+        return ast.Pattern(segments, stack, self.text, self._span(meta), subtree)
+
+    def subtree(self, meta, c):
+        return _SUBTREE
 
     def segment(self, meta, c):
         return tuple(c)
@@ -162,6 +167,9 @@ class _ToAst(Transformer):
 
     def symdef(self, meta, c):
         return (str(c[0]), tuple(str(t) for t in c[1:]))
+
+
+_SUBTREE = object()  # marks a pattern ending in `.**`
 
 
 class _StackRef(ast.Ref):

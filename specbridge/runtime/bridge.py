@@ -30,6 +30,8 @@ from ..compiler.ir import (
     Source,
     Span,
     Split,
+    Subtree,
+    expand_subtrees,
     stacks_of,
 )
 from ..compiler.plan import order
@@ -38,7 +40,8 @@ from .ops import run_export, run_import
 
 __all__ = [
     "BRACKET", "AddConst", "Cast", "CheckAbsent", "ConfigEntry", "ConversionError", "FillAbsent", "Fuse", "Layout",
-    "Mapping", "Plan", "ScaleBy", "Sentinel", "Shard", "Source", "Span", "Split", "field", "invert", "order",
+    "Mapping", "Plan", "ScaleBy", "Sentinel", "Shard", "Source", "Span", "Split", "Subtree", "expand_subtrees",
+    "field", "invert", "order",
     "pattern_key", "run_export", "run_import", "select_architecture", "size", "stacks_of", "text_config",
 ]
 

@@ -20,6 +20,7 @@ from specbridge.runtime.bridge import (
     Shard,
     Source,
     Span,
+    Subtree,
     field,
     invert,
     order,
@@ -509,8 +510,9 @@ def plan(hf_config, architecture: str | None = None, fmt: str | None = None) -> 
              for item in rule(cfg, prefix, layers, experts)]
     mappings = tuple(item for item in items if isinstance(item, Mapping))
     sentinels = tuple(item for item in items if isinstance(item, Sentinel))
+    subtrees = tuple(item for item in items if isinstance(item, Subtree))
     resolved = Plan(SPEC, FILE, DIGEST, arch, prefix, fmt, MODEL, config, mappings, sentinels, len(layers),
-                    len(experts), stacks_of(mappings))
+                    len(experts), stacks_of(mappings), subtrees)
     return order(invert(resolved))
 
 
