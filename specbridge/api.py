@@ -116,6 +116,14 @@ class Converter:
         spec = self.spec
         return compiler.check(self.plan, *self.manifests(chunks), sources={spec.file: spec.source})
 
+    def expanded_plan(self) -> ir.Plan:
+        """The plan with its subtree rules expanded to one mapping per tensor of the HF model class (every rank
+        the same, so collectives stay in step)."""
+        if not self.plan.subtrees:
+            return self.plan
+        hf = manifests.hf_manifest(self.plan.architecture, self.hf_config, self.plan.format, self.spec.formats)
+        return ir.expand_subtrees(self.plan, hf.shapes())
+
     # ------------------------------------------------------------ models and weights
     def build_model(self, params_dtype=None, extra_transformer: dict | None = None) -> list:
         """This rank's model chunk(s); `extra_transformer` adds TransformerConfig fields the spec does not set
@@ -124,7 +132,8 @@ class Converter:
 
     def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None) -> CheckpointReader:
         reader = CheckpointReader(hf_dir)
-        importer.import_weights(chunks, self.plan, reader, ranks or Ranks.current(), progress=progress)
+        plan = ir.expand_subtrees(self.plan, reader.keys())
+        importer.import_weights(chunks, plan, reader, ranks or Ranks.current(), progress=progress)
         return reader
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
@@ -136,8 +145,8 @@ class Converter:
         ranks = Ranks.current()
         with collectives.staged_output(out_dir, overwrite) as staging:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
-            exporter.export_weights(chunks, self.plan, writer, ranks, hf_dtype=dtype, check_absent=check_absent,
-                                    progress=progress)
+            exporter.export_weights(chunks, self.expanded_plan(), writer, ranks, hf_dtype=dtype,
+                                    check_absent=check_absent, progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
             if ranks.rank == 0:
                 weight_map = {k: f for m, _ in maps for k, f in m.items()}

@@ -33,7 +33,16 @@ GEMMA4_E4B = dict(GEMMA4, num_hidden_layers=7, layer_types=["sliding_attention",
                                                             "full_attention"],
                   hidden_size_per_layer_input=12, vocab_size_per_layer_input=128, num_kv_shared_layers=2,
                   attention_k_eq_v=False)
-CONFIG_CLASSES = {"Gemma4ForCausalLM": "Gemma4TextConfig"}
+# Gemma4ForConditionalGeneration: tiny vision / audio towers beside the text model, soft-token ids inside the vocab
+GEMMA4_VISION = dict(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=16,
+                     initializer_range=0.1)
+GEMMA4_AUDIO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[16, 8],
+                    conv_kernel_size=3, attention_chunk_size=4, attention_context_left=5, attention_context_right=0,
+                    output_proj_dims=36, initializer_range=0.1)
+GEMMA4_TOKENS = dict(image_token_id=120, audio_token_id=121, video_token_id=122, boi_token_id=123, eoi_token_id=124,
+                     boa_token_id=125, eoa_token_index=126)
+CONFIG_CLASSES = {"Gemma4ForCausalLM": "Gemma4TextConfig", "Gemma4ForConditionalGeneration": "Gemma4Config"}
 
 FAMILIES = {
     "llama": ("LlamaForCausalLM", {"tie_word_embeddings": False}),
@@ -46,6 +55,19 @@ FAMILIES = {
     "gemma4_dense": ("Gemma4ForCausalLM", {**GEMMA4, "attention_k_eq_v": True}),
     "gemma4_e2b": ("Gemma4ForCausalLM", GEMMA4_E2B),
     "gemma4_e4b": ("Gemma4ForCausalLM", GEMMA4_E4B),
+    # the published layouts: 26B-A4B (MoE + K=V + vision), 31B (dense + K=V + vision), E2B / E4B (+ vision + audio)
+    "gemma4_vlm": ("Gemma4ForConditionalGeneration", dict(
+        GEMMA4_TOKENS, text_config={**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True,
+                                    "use_bidirectional_attention": "vision"},
+        vision_config={**GEMMA4_VISION, "standardize": True}, audio_config=None)),
+    "gemma4_vlm_dense": ("Gemma4ForConditionalGeneration", dict(
+        GEMMA4_TOKENS, text_config={**GEMMA4, "attention_k_eq_v": True, "use_bidirectional_attention": "vision"},
+        vision_config={**GEMMA4_VISION, "use_clipped_linears": True}, audio_config=None)),
+    "gemma4_e2b_vlm": ("Gemma4ForConditionalGeneration", dict(
+        GEMMA4_TOKENS, text_config=GEMMA4_E2B, vision_config=GEMMA4_VISION, audio_config=GEMMA4_AUDIO)),
+    "gemma4_e4b_vlm": ("Gemma4ForConditionalGeneration", dict(
+        GEMMA4_TOKENS, text_config={**GEMMA4_E4B, "use_bidirectional_attention": "vision"},
+        vision_config=GEMMA4_VISION, audio_config=GEMMA4_AUDIO)),
 }
 
 
@@ -71,7 +93,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
     cls_name, extra = FAMILIES[family]
     config_cls = getattr(transformers, CONFIG_CLASSES.get(cls_name, cls_name.replace("ForCausalLM", "Config")))
-    config = config_cls(**{**TINY, **extra, **overrides}, architectures=[cls_name])
+    defaults = {} if "text_config" in extra else TINY  # a multimodal config holds the text model's in text_config
+    config = config_cls(**{**defaults, **extra, **overrides}, architectures=[cls_name])
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(config).float().eval()
     return perturb(model, seed)

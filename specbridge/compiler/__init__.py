@@ -74,12 +74,11 @@ def check_requirements(spec, hf_config, architecture: str | None = None) -> None
     """Refuse a config the spec does not support (e.g. a RoPE scaling it does not model) before anything else:
     a conversion that would be silently wrong is an error naming the requirement."""
     from ..dsl.diagnostics import DiagnosticSink
-    from .evaluate import EvalError, Scope, evaluate
-    from .resolve import select_architecture, text_config
+    from .evaluate import EvalError, evaluate
+    from .resolve import select_architecture, spec_scope
 
     sink = DiagnosticSink({spec.file: spec.source})
-    scope = Scope(text_config(hf_config, select_architecture(spec, hf_config, architecture)),
-                  {s.name: s for s in spec.symbols})
+    scope = spec_scope(spec, hf_config, select_architecture(spec, hf_config, architecture))
     for requirement in spec.requires:
         try:
             if not evaluate(requirement, scope):

@@ -42,13 +42,36 @@ def text_config(hf_config, arch: ast.Architecture):
     return hf_config if sub is MISSING or sub is None else sub
 
 
+class _Nested:
+    """The architecture's sub-config with the enclosing config behind it: a name the sub-config lacks is looked up
+    in the whole config (e.g. `vision_config` beside the `text_config` of a vision-language model)."""
+
+    def __init__(self, sub, outer):
+        self._sub, self._outer = sub, outer
+
+    def __getattr__(self, name: str):
+        for config in (self._sub, self._outer):
+            value = config_value(config, name)
+            if value is not MISSING:
+                return value
+        raise AttributeError(name)
+
+
+def spec_scope(spec: ast.Spec, hf_config, arch: ast.Architecture) -> Scope:
+    """What the spec's names refer to: `architecture` (the class converted), symbols, functions, the
+    architecture's sub-config, then the whole config."""
+    sub = text_config(hf_config, arch)
+    config = sub if sub is hf_config else _Nested(sub, hf_config)
+    return Scope(config, {s.name: s for s in spec.symbols}, (("architecture", arch.name),))
+
+
 def resolve(spec: ast.Spec, hf_config, architecture: str | None = None, fmt: str | None = None) -> ir.Plan:
     sink = DiagnosticSink({spec.file: spec.source})
     arch = select_architecture(spec, hf_config, architecture)
     fmt = fmt or spec.formats[0]
     if fmt not in spec.formats:
         raise UsageError(f"spec '{spec.name}' has no HF format '{fmt}' (formats: {', '.join(spec.formats)})")
-    scope = Scope(text_config(hf_config, arch), {s.name: s for s in spec.symbols})
+    scope = spec_scope(spec, hf_config, arch)
     config = _config_entries(spec, scope, sink)
     values = {e.field: e.value for e in config}
     domains = {LAYER: range(int(values.get("num_layers") or 0)), EXPERT: range(int(values.get("num_moe_experts") or 0))}

@@ -86,7 +86,8 @@ class CheckpointReader:
         """The tensor `key`; with `index`, one slice of a stacked tensor; with `rows` / `cols`, a range of the
         first / second dim (of that slice). Only the bytes asked for are read."""
         selection = (slice(index, index + 1),) if index is not None else ()
-        selection += (slice(*rows) if rows is not None else slice(None),)
+        if rows is not None or cols is not None:
+            selection += (slice(*rows) if rows is not None else slice(None),)
         if cols is not None:
             selection += (slice(*cols),)
         tensor_slice = self._slice(key)
