@@ -27,12 +27,12 @@ GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_int
 GEMMA4_E2B = dict(GEMMA4, num_hidden_layers=6, layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                                             "sliding_attention", "sliding_attention", "full_attention"],
                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, num_kv_shared_layers=3,
-                  use_double_wide_mlp=True, attention_k_eq_v=False)
+                  use_double_wide_mlp=True, attention_k_eq_v=False, initializer_range=0.05)
 GEMMA4_E4B = dict(GEMMA4, num_hidden_layers=7, layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
                                                             "full_attention", "sliding_attention", "sliding_attention",
                                                             "full_attention"],
                   hidden_size_per_layer_input=12, vocab_size_per_layer_input=128, num_kv_shared_layers=2,
-                  attention_k_eq_v=False)
+                  attention_k_eq_v=False, initializer_range=0.05)
 # Gemma4ForConditionalGeneration: tiny vision / audio towers beside the text model, soft-token ids inside the vocab
 GEMMA4_VISION = dict(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=16,

@@ -43,6 +43,7 @@ def build_gemma4(
         # later stages receive the shared K/V and per-layer inputs beside the hidden state: the tensor sent between
         # stages is wider than hidden_size, so the schedule must exchange shapes (megatron-core's own mechanism)
         kwargs["variable_seq_lengths"] = True
+        kwargs.setdefault("moe_token_dispatcher_type", "alltoall")  # megatron-core refuses allgather with it
     config = Gemma4TransformerConfig(**kwargs)
     gemma = Gemma4Model(
         config=config,

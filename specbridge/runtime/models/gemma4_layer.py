@@ -9,8 +9,8 @@ KV groups) comes from its *global* index (`layer_number` + pipeline offset, via
     h = r + post_mlp_layernorm(y)
     h = h + post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(h)) * p_i))   (PLE only)
     h = h * layer_scalar
-where p_i is this layer's per-layer input (the model's `StageState`; TP ranks take their slice of its width, as
-`per_layer_input_gate` is column- and `per_layer_projection` row-parallel). The MLP width is the layer's own
+where p_i is this layer's per-layer input (the model's `StageState`; the two small PLE projections are
+replicated across TP, so the block adds no reduction). The MLP width is the layer's own
 (`layer_ffn_hidden_sizes`). `gemma4_block_spec(config, vp_stage)` answers this pipeline stage's
 TransformerBlockSubmodules, one layer spec per layer, built from local (torch) megatron parts:
 ColumnParallel/RowParallel linears, DotProductAttention, SequentialMLP; a KV-shared layer's attention has a
@@ -39,7 +39,6 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
     get_transformer_layer_offset,
 )
-from megatron.core.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from megatron.core.utils import get_pg_rank, make_viewless_tensor
 from torch import Tensor
 
@@ -88,15 +87,10 @@ class Gemma4TransformerLayer(TransformerLayer):
             self._build_per_layer_input_block(config, pg_collection)
 
     def _build_per_layer_input_block(self, config, pg_collection) -> None:
-        """PLE: gate H -> P (column-parallel), projection P -> H (row-parallel), norm over H."""
-        width = config.per_layer_input_size
-        linear = dict(config=config, init_method=config.init_method, bias=False, tp_group=pg_collection.tp)
-        self.per_layer_input_gate = ColumnParallelLinear(
-            config.hidden_size, width, gather_output=False, skip_bias_add=False, is_expert=False, **linear
-        )
-        self.per_layer_projection = RowParallelLinear(
-            width, config.hidden_size, input_is_parallel=True, skip_bias_add=False, is_expert=False, **linear
-        )
+        """PLE: gate H -> P, projection P -> H (small: replicated across TP), norm over H."""
+        width, dtype = config.per_layer_input_size, config.params_dtype
+        self.per_layer_input_gate = torch.nn.Linear(config.hidden_size, width, bias=False, dtype=dtype)
+        self.per_layer_projection = torch.nn.Linear(width, config.hidden_size, bias=False, dtype=dtype)
         self.post_per_layer_input_norm = Gemma4RMSNorm(config, config.hidden_size, config.layernorm_epsilon)
 
     def _build_mlp(self, spec, pg_collection):
@@ -149,21 +143,15 @@ class Gemma4TransformerLayer(TransformerLayer):
         ), context
 
     def _per_layer_input_block(self, hidden_states: Tensor) -> Tensor:
-        gate, _ = self.per_layer_input_gate(hidden_states)
-        gated = self.config.activation_func(gate) * self._per_layer_input(gate.shape[-1])
-        projected, _ = self.per_layer_projection(gated)
-        return self.post_per_layer_input_norm(projected)
+        gated = self.config.activation_func(self.per_layer_input_gate(hidden_states)) * self._per_layer_input()
+        return self.post_per_layer_input_norm(self.per_layer_projection(gated))
 
-    def _per_layer_input(self, local_width: int) -> Tensor:
-        """This layer's per-layer input [s, b, P / tp]: its TP rank's slice of the width."""
+    def _per_layer_input(self) -> Tensor:
+        """This layer's per-layer input [s, b, P] (from the model chunk's stage state)."""
         state = self.state
         if state is None or state.per_layer_inputs is None:
             raise RuntimeError(f"layer {self.layer_number - 1} has per-layer embeddings but received no inputs")
-        full = state.per_layer_inputs[:, :, self.layer_number - 1 - state.per_layer_offset]
-        if get_tensor_model_parallel_world_size() == 1:
-            return full
-        start = get_tensor_model_parallel_rank() * local_width
-        return full[..., start : start + local_width]
+        return state.per_layer_inputs[:, :, self.layer_number - 1 - state.per_layer_offset]
 
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, p=self.hidden_dropout, training=self.training)
