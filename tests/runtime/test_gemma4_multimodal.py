@@ -5,6 +5,8 @@ exported directory loaded back by transformers, and the Megatron side of KV shar
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -123,3 +125,10 @@ def test_wrong_kv_source_or_per_layer_input_fails_parity(checkpoints, parallel, 
     monkeypatch.setattr(gemma4_model.Gemma4Model, "_per_layer_inputs", shifted)
     result = parity(hf_dir)
     assert not result.ok(atol=1e-4) and result.max_abs_diff > 1e-3, result
+
+
+def test_demo_runs_the_multimodal_path(parallel, capsys):
+    assert main(["demo", "--family", "gemma4_vlm"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["architecture"] == "Gemma4ForConditionalGeneration" and report["inputs"] == ["text", "image"]
+    assert report["roundtrip_bit_exact"] and report["parity_ok"]
