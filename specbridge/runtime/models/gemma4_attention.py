@@ -128,6 +128,7 @@ class Gemma4SelfAttention(SelfAttention):
         if self.kv_shared:
             self.linear_q = self.linear_qkv
             del self.linear_qkv
+            self.k_layernorm = None
         else:
             self.v_layernorm = Gemma4RMSNorm(
                 config, self.hidden_size_per_attention_head, config.layernorm_epsilon, with_weight=False

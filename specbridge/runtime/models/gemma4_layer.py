@@ -177,7 +177,7 @@ def gemma4_layer_spec(config: Gemma4TransformerConfig, index: int):
             core_attention=DotProductAttention,
             linear_proj=RowParallelLinear,
             q_layernorm=Gemma4RMSNorm,
-            k_layernorm=None if shared else Gemma4RMSNorm,
+            k_layernorm=Gemma4RMSNorm,  # dropped again by a KV-shared layer (megatron-core 0.19 wants one here)
         ),
     )
     return ModuleSpec(
