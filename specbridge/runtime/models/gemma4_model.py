@@ -55,7 +55,8 @@ def carry_layout(config: Gemma4TransformerConfig, boundary: int, tp: int) -> lis
         readers = [j for j in range(boundary, n) if config.layer_kv_shared[j] and config.layer_types[j] == layer_type]
         if readers and config.kv_source(readers[0]) < boundary:
             source = config.kv_source(readers[0])
-            width = config.layer_num_query_groups[source] // tp * config.layer_kv_channels[source]
+            local_groups = max(config.layer_num_query_groups[source] // tp, 1)  # fewer groups than TP: one each
+            width = local_groups * config.layer_kv_channels[source]
             out += [(f"k:{layer_type}", width), (f"v:{layer_type}", width)]
     return out
 
@@ -84,9 +85,7 @@ class Gemma4Model(GPTModel):
         self.stage_state = StageState()
         for layer in self.decoder.layers:
             layer.state = layer.self_attention.state = self.stage_state
-        from megatron.core import parallel_state as ps
-
-        tp = ps.get_tensor_model_parallel_world_size()
+        tp = config.tensor_model_parallel_size
         numbers = [layer.layer_number for layer in self.decoder.layers]
         first = numbers[0] - 1 if numbers else 0
         last = numbers[-1] if numbers else first
