@@ -3,15 +3,18 @@
 In: an unchecked `Plan` and the HF and Megatron `Manifest`s of the same config. Out: the plan with its subtrees
 expanded against the HF manifest (`ir.expand_subtrees`), or a `SpecError` listing every problem: a tensor on
 either side claimed by no rule or by two, a rule naming a tensor the model does not have, a subtree matching
-nothing, incomplete stacks, shapes that do not agree with the layout, ops that cannot be inverted.
+nothing, incomplete stacks, shapes that do not agree with the layout, ops that cannot be inverted. The plan's
+`exact` flags are then decided with the HF tensors' dtypes (`ops.exact`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 from ..dsl.diagnostics import DiagnosticSink, Span
-from . import ir
+from . import ir, ops
+from .invert import uninvertible
 from .layouts import LayoutError, infer_sizes, shape_of
 
 
@@ -28,7 +31,7 @@ def check(plan: ir.Plan, hf: ir.Manifest, mcore: ir.Manifest, sources: dict[str,
     _check_shapes(plan, hf, mcore, sink)
     _check_inverses(plan, sink)
     sink.raise_if_any()
-    return plan
+    return _exactness(plan, hf)
 
 
 def _check_mcore_coverage(plan: ir.Plan, manifest: ir.Manifest, sink: DiagnosticSink, nearest: "_Nearest") -> None:
@@ -177,9 +180,15 @@ def _fused_shape(m: ir.Mapping, parts: dict, target: tuple) -> tuple:
 
 def _check_inverses(plan: ir.Plan, sink: DiagnosticSink) -> None:
     """An op whose inverse needs a tensor the other side does not have is refused."""
-    renames = {m.sources[0].key: m for m in plan.mappings if len(m.sources) == 1 and m.layout is None and m.exact}
-    for m in plan.mappings:
-        for op in m.hf_to_mcore:
-            if isinstance(op, ir.ScaleBy) and op.key not in renames:
-                sink.error(m.span, f"scale(by='{op.key}') cannot be inverted: that tensor is not carried to the "
-                                   f"Megatron side by a plain rename rule, so export could not divide by it")
+    for span, message in uninvertible(plan):
+        sink.error(span, message)
+
+
+def _exactness(plan: ir.Plan, hf: ir.Manifest) -> ir.Plan:
+    """Each mapping's exactness decided with the dtype its HF tensor has (a cast to a dtype that represents every
+    value of it is exact, e.g. bfloat16 -> float32; to int8 or a narrower float it is not)."""
+    dtypes = {k: d for k, _, d in hf.tensors}
+    mappings = tuple(m if not m.sources else
+                     dataclasses.replace(m, exact=ops.exact(m.hf_to_mcore, dtypes.get(m.sources[0].key)))
+                     for m in plan.mappings)
+    return dataclasses.replace(plan, mappings=mappings)

@@ -2,7 +2,8 @@
 
 A `Mapping` ties one Megatron tensor to the HF tensors it is made of, with the layout that fuses them, the axis
 tensor parallelism splits, the absent parts and the numeric ops. Its `hf_to_mcore` program is what the spec wrote;
-its `mcore_to_hf` program is derived by the invert pass. `Sentinel`s name keys that exist on one side only.
+its `mcore_to_hf` program is derived by the invert pass (the op nodes and what each op means are declared in
+`compiler/ops.py`). `Sentinel`s name keys that exist on one side only.
 A `Plan` is the checked, ordered result the runtime executes; it never refers back to the parser.
 """
 
@@ -12,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..dsl.diagnostics import Span
+from .ops import AddConst, Cast, CheckAbsent, FillAbsent, Fuse, Op, ScaleBy, Split  # noqa: F401  (the op nodes)
 
 HF, MCORE = "hf", "mcore"
 HF_TO_MCORE, MCORE_TO_HF = "hf_to_mcore", "mcore_to_hf"
@@ -55,62 +57,6 @@ class Shard:
     dim: int | None = None
 
 
-# ---------------------------------------------------------------- ops (a program is a tuple of these)
-
-
-@dataclass(frozen=True, slots=True)
-class Fuse:
-    """parts -> one tensor, by the layout. Inverse: Split."""
-
-    layout: Layout
-
-
-@dataclass(frozen=True, slots=True)
-class Split:
-    layout: Layout
-
-
-@dataclass(frozen=True, slots=True)
-class FillAbsent:
-    """Import: part `part` does not exist on the HF side; fill it by `policy` ("copy_of" a sibling, or "zeros")."""
-
-    part: str
-    policy: str
-    source_part: str | None
-    span: Span
-
-
-@dataclass(frozen=True, slots=True)
-class CheckAbsent:
-    """Export: assert `part` still follows its policy, then discard it (the HF side has no such tensor)."""
-
-    part: str
-    policy: str
-    source_part: str | None
-    span: Span
-
-
-@dataclass(frozen=True, slots=True)
-class AddConst:
-    value: float
-
-
-@dataclass(frozen=True, slots=True)
-class Cast:
-    dtype: str  # "float32", "bfloat16", ... ; "source" means: back to the dtype read from the HF file
-
-
-@dataclass(frozen=True, slots=True)
-class ScaleBy:
-    """Multiply (or divide, when `invert`) by another tensor of the same side, named by its key on that side."""
-
-    key: str
-    invert: bool = False
-
-
-Op = Fuse | Split | FillAbsent | CheckAbsent | AddConst | Cast | ScaleBy
-
-
 @dataclass(frozen=True, slots=True)
 class Mapping:
     rule: int
@@ -122,7 +68,7 @@ class Mapping:
     mcore_to_hf: tuple[Op, ...] = ()
     layer: int | None = None
     expert: int | None = None
-    exact: bool = True  # False when an op is exact only up to rounding (add of a constant, scale by a tensor)
+    exact: bool = True  # False when an op is exact only up to rounding (`ops.exact`: add, scale, a narrowing cast)
 
     @property
     def layout(self) -> Layout | None:
