@@ -147,6 +147,14 @@ class Converter:
         spec = self.spec
         return compiler.check(self.plan, *(manifests or self.manifests(chunks)), sources={spec.file: spec.source})
 
+    def expanded_plan(self) -> ir.Plan:
+        """The plan with its subtree rules expanded to one mapping per tensor of the HF model class (every rank
+        the same, so collectives stay in step)."""
+        if not self.plan.subtrees:
+            return self.plan
+        hf = manifests.hf_manifest(self.plan.architecture, self.hf_config, self.plan.format, self.spec.formats)
+        return ir.expand_subtrees(self.plan, hf.shapes())
+
     # ------------------------------------------------------------ models and weights
     def build_model(self, params_dtype=None, extra_transformer: dict | None = None, device=None,
                     padded_vocab: int | None = None) -> list:
@@ -154,9 +162,9 @@ class Converter:
         fp32 when unknown); `extra_transformer` adds TransformerConfig fields the spec does not set (e.g.
         `num_layers_in_first_pipeline_stage` for a pipeline split of one's own). `device="meta"`: parameters
         without storage (what a manifest needs). `padded_vocab`: the padded vocabulary a Megatron checkpoint was
-        written with (default: padded as Megatron pads it for this TP size)."""
+        written with (default: padded as Megatron pads it for this TP size). Builders get the whole HF config."""
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return build_chunks(self.plan, self.text_config, params_dtype or self.source_dtype, extra_transformer,
+            return build_chunks(self.plan, self.hf_config, params_dtype or self.source_dtype, extra_transformer,
                                 padded_vocab)
 
     def import_weights(self, chunks, hf_dir, topology: Topology | None = None, progress=None,
@@ -164,9 +172,10 @@ class Converter:
         """Fill `chunks` from the HF checkpoint. A tensor whose dtype differs from its parameter's is converted
         only when that keeps its values (bf16 -> fp32) or with `cast=True` (see `dtypes.import_casts`)."""
         reader = CheckpointReader(hf_dir)
+        plan = ir.expand_subtrees(self.plan, reader.keys())
         if not cast:
-            dtypes.refuse_inexact(dtypes.import_casts(self.plan, reader, chunks[0].config.params_dtype))
-        importer.import_weights(chunks, self.plan, reader, topology or current_topology(), progress=progress)
+            dtypes.refuse_inexact(dtypes.import_casts(plan, reader, chunks[0].config.params_dtype))
+        importer.import_weights(chunks, plan, reader, topology or current_topology(), progress=progress)
         return reader
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
@@ -181,8 +190,8 @@ class Converter:
         dtype = dtype or chunks[0].config.params_dtype
         with collectives.staged_output(out_dir, overwrite, inputs) as staging:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{topology.rank:05d}")
-            exporter.export_weights(chunks, self.plan, writer, topology, hf_dtype=dtype, check_absent=check_absent,
-                                    progress=progress)
+            exporter.export_weights(chunks, self.expanded_plan(), writer, topology, hf_dtype=dtype,
+                                    check_absent=check_absent, progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
             if topology.rank == 0:
                 weight_map = {k: f for m, _ in maps for k, f in m.items()}

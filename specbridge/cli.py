@@ -32,7 +32,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 DEMO_FAMILIES = ("llama", "llama_tied", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_unnormed", "gemma4_moe",
-                 "gemma4_dense")  # specbridge.demo.FAMILIES (tests/test_cli.py keeps the two equal)
+                 "gemma4_dense", "gemma4_e2b", "gemma4_e4b", "gemma4_vlm", "gemma4_vlm_dense", "gemma4_e2b_vlm",
+                 "gemma4_e4b_vlm")  # specbridge.demo.FAMILIES (tests/test_cli.py keeps the two equal)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -22,7 +22,27 @@ GEMMA4 = dict(vocab_size=128, hidden_size=64, intermediate_size=40, num_hidden_l
               final_logit_softcapping=30.0, max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1,
               attn_implementation="eager")
 GEMMA4_MOE = dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24)
-CONFIG_CLASSES = {"Gemma4ForCausalLM": "Gemma4TextConfig"}
+# E2B / E4B style: per-layer embeddings (width 8) and a KV-shared tail (E2B's with the double-wide MLP); the shared
+# layers' K/V sources (the last non-shared layer of each type) sit before the tail
+GEMMA4_E2B = dict(GEMMA4, num_hidden_layers=6, layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                            "sliding_attention", "sliding_attention", "full_attention"],
+                  hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, num_kv_shared_layers=3,
+                  use_double_wide_mlp=True, attention_k_eq_v=False, initializer_range=0.05)
+GEMMA4_E4B = dict(GEMMA4, num_hidden_layers=7, layer_types=["sliding_attention", "sliding_attention", "sliding_attention",
+                                                            "full_attention", "sliding_attention", "sliding_attention",
+                                                            "full_attention"],
+                  hidden_size_per_layer_input=12, vocab_size_per_layer_input=128, num_kv_shared_layers=2,
+                  attention_k_eq_v=False, initializer_range=0.05)
+# Gemma4ForConditionalGeneration: tiny vision / audio towers beside the text model, soft-token ids inside the vocab
+GEMMA4_VISION = dict(hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=16,
+                     initializer_range=0.1)
+GEMMA4_AUDIO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[16, 8],
+                    conv_kernel_size=3, attention_chunk_size=4, attention_context_left=5, attention_context_right=0,
+                    output_proj_dims=36, initializer_range=0.1)
+GEMMA4_TOKENS = dict(image_token_id=120, audio_token_id=121, video_token_id=122, boi_token_id=123, eoi_token_id=124,
+                     boa_token_id=125, eoa_token_index=126)
+CONFIG_CLASSES = {"Gemma4ForCausalLM": "Gemma4TextConfig", "Gemma4ForConditionalGeneration": "Gemma4Config"}
 
 FAMILIES = {
     "llama": ("LlamaForCausalLM", {"tie_word_embeddings": False}),
@@ -33,6 +53,21 @@ FAMILIES = {
     "qwen3_moe_unnormed": ("Qwen3MoeForCausalLM", {**MOE, "norm_topk_prob": False}),
     "gemma4_moe": ("Gemma4ForCausalLM", {**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True}),
     "gemma4_dense": ("Gemma4ForCausalLM", {**GEMMA4, "attention_k_eq_v": True}),
+    "gemma4_e2b": ("Gemma4ForCausalLM", GEMMA4_E2B),
+    "gemma4_e4b": ("Gemma4ForCausalLM", GEMMA4_E4B),
+    # the published layouts: 26B-A4B (MoE + K=V + vision), 31B (dense + K=V + vision), E2B / E4B (+ vision + audio)
+    "gemma4_vlm": ("Gemma4ForConditionalGeneration", dict(
+        GEMMA4_TOKENS, text_config={**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True,
+                                    "use_bidirectional_attention": "vision"},
+        vision_config={**GEMMA4_VISION, "standardize": True}, audio_config=None)),
+    "gemma4_vlm_dense": ("Gemma4ForConditionalGeneration", dict(
+        GEMMA4_TOKENS, text_config={**GEMMA4, "attention_k_eq_v": True, "use_bidirectional_attention": "vision"},
+        vision_config={**GEMMA4_VISION, "use_clipped_linears": True}, audio_config=None)),
+    "gemma4_e2b_vlm": ("Gemma4ForConditionalGeneration", dict(
+        GEMMA4_TOKENS, text_config=GEMMA4_E2B, vision_config=GEMMA4_VISION, audio_config=GEMMA4_AUDIO)),
+    "gemma4_e4b_vlm": ("Gemma4ForConditionalGeneration", dict(
+        GEMMA4_TOKENS, text_config={**GEMMA4_E4B, "use_bidirectional_attention": "vision"},
+        vision_config=GEMMA4_VISION, audio_config=GEMMA4_AUDIO)),
 }
 
 
@@ -58,7 +93,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
     cls_name, extra = FAMILIES[family]
     config_cls = getattr(transformers, CONFIG_CLASSES.get(cls_name, cls_name.replace("ForCausalLM", "Config")))
-    config = config_cls(**{**TINY, **extra, **overrides}, architectures=[cls_name])
+    defaults = {} if "text_config" in extra else TINY  # a multimodal config holds the text model's in text_config
+    config = config_cls(**{**defaults, **extra, **overrides}, architectures=[cls_name])
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(config).float().eval()
     return perturb(model, seed)
@@ -80,6 +116,6 @@ def run_demo(family: str = "qwen3_moe") -> dict:
             "family": family, "architecture": plan.architecture, "spec": plan.spec, "hf_format": plan.format,
             "mappings": len(plan.mappings), "coverage": "proved",
             "roundtrip": trip.summary(), "roundtrip_bit_exact": trip.exact,
-            "parity": logits.summary(atol=1e-4), "parity_ok": logits.ok(atol=1e-4),
+            "parity": logits.summary(atol=1e-4), "parity_ok": logits.ok(atol=1e-4), "inputs": list(logits.modalities),
             "seconds": round(time.perf_counter() - start, 2),
         }

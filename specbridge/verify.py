@@ -117,6 +117,7 @@ class Parity:
     """The comparisons of one parity run (one per kind of input); the worst of them answers for the whole."""
 
     comparisons: tuple[LogitComparison, ...]
+    modalities: tuple[str, ...] = ("text",)  # what both models were fed (token ids, images, audio)
 
     @property
     def max_abs_diff(self) -> float:
@@ -147,7 +148,8 @@ class Parity:
         wanted = f"cosine >= {min_cosine:g}, top-1 agreement 100%" + (f", max |logit diff| <= {atol:g}"
                                                                       if atol is not None else "")
         head = f"parity: FAIL ({'; '.join(failures)})" if failures else "parity: PASS"
-        return "\n".join([f"{head} [required: {wanted}]", *(f"  {c.describe()}" for c in self.comparisons)])
+        fed = f" (inputs: {', '.join(self.modalities)})"
+        return "\n".join([f"{head} [required: {wanted}]{fed}", *(f"  {c.describe()}" for c in self.comparisons)])
 
 
 def hf_model(hf_dir, architecture: str):
@@ -163,20 +165,25 @@ def hf_model(hf_dir, architecture: str):
 
 
 def parity(hf_dir: str | Path, spec=None, seq_len: int = 16, batch: int = 2, seed: int = 0) -> Parity:
-    """Logits of the converted Megatron model vs transformers' model, fp32, same random tokens."""
+    """Logits of the converted Megatron model vs transformers' model, fp32, same random inputs: token ids, and a
+    random image / audio clip per sequence for every tower the checkpoint has (`models.sample_inputs`)."""
+    from .runtime.models import sample_inputs
+
     if seq_len < 1 or batch < 1:
         raise UsageError(f"parity needs at least one token and one sequence (got seq_len={seq_len}, batch={batch})")
     conv = Converter.from_pretrained(hf_dir, spec)
     chunks = conv.build_model(params_dtype=torch.float32)
     conv.import_weights(chunks, hf_dir)
     vocab = conv.plan.model_kwargs()["vocab_size"]
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
-    got = pipeline_logits(chunks, ids, vocab)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+    inputs = sample_inputs(conv.plan.model, conv.hf_config, ids, generator)
+    got = pipeline_logits(chunks, inputs.ids, vocab, inputs.rows)
     result = None
     if got is not None:  # the last pipeline stage compares against transformers; every rank gets the result
         with torch.no_grad():
-            expected = hf_model(hf_dir, conv.plan.architecture)(input_ids=ids).logits.float()
-        result = compare_logits(got, expected)
+            expected = hf_model(hf_dir, conv.plan.architecture)(input_ids=inputs.ids, **inputs.hf).logits.float()
+        result = dataclasses.replace(compare_logits(got, expected), modalities=inputs.modalities)
     return next(r for r in collectives.gather_objects(result) if r is not None)
 
 
@@ -186,19 +193,22 @@ def megatron_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids, positions, None).float()
 
 
-def pipeline_logits(chunks, ids: torch.Tensor, vocab: int) -> torch.Tensor | None:
+def pipeline_logits(chunks, ids: torch.Tensor, vocab: int, extras=None) -> torch.Tensor | None:
     """Full-vocabulary fp32 logits of a model split over pipeline stages (and virtual stages) and tensor
-    parallel ranks, through megatron-core's own pipeline schedule. Returned on the last stage, None elsewhere."""
+    parallel ranks, through megatron-core's own pipeline schedule. Returned on the last stage, None elsewhere.
+    `extras[k]`: keyword arguments of the forward for sequence k (e.g. its image)."""
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from .runtime.parallel import current_topology, tp_group
 
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
-    rows = list(ids.split(1))  # one sequence per micro-batch (an interleaved schedule needs >= PP of them)
+    # one sequence per micro-batch (an interleaved schedule needs >= PP of them)
+    rows = list(zip(ids.split(1), extras or [{}] * ids.shape[0]))
 
     def step(data_iterator, model):
-        output = model(next(data_iterator), positions, None)
+        row, extra = next(data_iterator)
+        output = model(row, positions, None, **extra)
         return output, lambda out: (out.float().sum() * 0, {"logits": out.detach().float()})
 
     with torch.no_grad():

@@ -14,6 +14,7 @@ format is a `UsageError`.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping as AbcMapping
 
 from ..dsl.diagnostics import DiagnosticSink, Span
 from ..errors import UsageError
@@ -52,6 +53,30 @@ def select_architecture(templates, hf_config, architecture: str | None) -> Archi
     raise UsageError(f"spec '{spec}' does not serve architecture {wanted!r} (it serves: {names})")
 
 
+class SpecNames(AbcMapping):
+    """What a spec's config names read: `architecture` (the name of the class converted), then the fields of the
+    architecture's sub-config, then those of the whole config (e.g. `vision_config` beside the `text_config` of a
+    vision-language model). Fields are looked up, never listed."""
+
+    def __init__(self, hf_config, arch: Architecture):
+        self._architecture, self._configs = arch.name, (text_config(hf_config, arch), hf_config)
+
+    def __getitem__(self, name: str):
+        if name == "architecture":
+            return self._architecture
+        for config in self._configs:
+            value = config_value(config, name)
+            if value is not MISSING:
+                return value
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
 def text_config(hf_config, arch: Architecture):
     """The (sub-)config the spec's names refer to, e.g. `text_config` of a vision-language model."""
     if arch.config is None:
@@ -69,7 +94,7 @@ def resolve(spec, hf_config, architecture: str | None = None, fmt: str | None = 
         raise UsageError(f"spec '{templates.spec}' has no HF format '{fmt}' "
                          f"(formats: {', '.join(templates.formats)})")
     sink = DiagnosticSink(sources)
-    values = _Values(text_config(hf_config, arch), templates.symbols)
+    values = _Values(SpecNames(hf_config, arch), templates.symbols)
     _check_requirements(templates, values, sink)
     sink.raise_if_any()
     config = _config_entries(templates, values, sink)
@@ -99,7 +124,7 @@ def check_requirements(spec, hf_config, architecture: str | None = None) -> None
     templates, sources = _templates(spec)
     sink = DiagnosticSink(sources)
     arch = select_architecture(templates, hf_config, architecture)
-    _check_requirements(templates, _Values(text_config(hf_config, arch), templates.symbols), sink)
+    _check_requirements(templates, _Values(SpecNames(hf_config, arch), templates.symbols), sink)
     sink.raise_if_any()
 
 

@@ -106,7 +106,8 @@ class CheckpointReader:
         tensor_slice = self._slice(key)
         _check_bounds(key, tuple(tensor_slice.get_shape()), index, rows, cols)
         selection = (slice(index, index + 1),) if index is not None else ()
-        selection += (slice(*rows) if rows is not None else slice(None),)
+        if rows is not None or cols is not None:
+            selection += (slice(*rows) if rows is not None else slice(None),)
         if cols is not None:
             selection += (slice(*cols),)
         try:

@@ -22,9 +22,10 @@ import torch
 
 from specbridge.api import Converter
 from specbridge.runtime import mcore_checkpoint
+from specbridge.runtime.models import sample_inputs
 from specbridge.runtime.placement import local_tensors
-from specbridge.verify import compare_checkpoints, megatron_logits
-from tests.support import save_tiny
+from specbridge.verify import compare_checkpoints, pipeline_logits
+from tests.support import random_ids, save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
@@ -43,12 +44,19 @@ CASES = {
     "gemma4_ep2": ("gemma4_moe", 2, ["--ep", "2"], dict(num_hidden_layers=5)),
     "gemma4_pp2_uneven": ("gemma4_dense", 2, ["--pp", "2", "--first-stage-layers", "2"], dict(num_hidden_layers=5)),
     "gemma4_tp2": ("gemma4_dense", 2, ["--tp", "2"], dict(num_hidden_layers=5)),  # full layers: 1 KV group < TP
+    # Gemma 4 as published (towers on the first stage, replicated across TP; parity inputs with image and audio)
+    "gemma4_vlm_tp2": ("gemma4_vlm", 2, ["--tp", "2"], dict(num_hidden_layers=5)),
+    "gemma4_vlm_ep2": ("gemma4_vlm", 2, ["--ep", "2"], dict(num_hidden_layers=5)),
+    "gemma4_e2b_pp2": ("gemma4_e2b_vlm", 2, ["--pp", "2"], dict(num_hidden_layers=6)),  # K/V sources on stage 0
+    "gemma4_e2b_tp2": ("gemma4_e2b_vlm", 2, ["--tp", "2"], dict(num_hidden_layers=6)),
+    "gemma4_e4b_pp2": ("gemma4_e4b_vlm", 2, ["--pp", "2", "--first-stage-layers", "5"], dict(num_hidden_layers=7)),
+    "gemma4_e4b_tp2": ("gemma4_e4b_vlm", 2, ["--tp", "2"], dict(num_hidden_layers=7)),
 }
 # the layers each pipeline stage holds, where the case checks them
 STAGE_LAYERS = {"pp2_odd_layers": [[0, 1, 2], [3, 4]], "pp2_uneven": [[0], [1, 2, 3]]}
 # Layers whose query groups are fewer than TP ranks are split evenly through the group (megatron-core's rule), so
 # those ranks read their group's whole Q/K parts; everywhere else a rank reads exactly the bytes it holds.
-READS_WHOLE_GROUPS = {"gemma4_tp2"}
+READS_WHOLE_GROUPS = {"gemma4_tp2", "gemma4_vlm_tp2"}
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -77,8 +85,8 @@ def single_rank(hf_dir: Path, tmp: Path):
     chunks = conv.build_model()
     conv.import_weights(chunks, hf_dir)
     vocab = conv.plan.model_kwargs()["vocab_size"]
-    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
-    logits = megatron_logits(chunks[0], ids)[..., :vocab]
+    inputs = sample_inputs(conv.plan.model, conv.hf_config, *random_ids(vocab, 12))
+    logits = pipeline_logits(chunks, inputs.ids, vocab, inputs.rows)
     conv.export_weights(chunks, tmp / "single")
     params = {k: v.detach().clone() for k, v in local_tensors(chunks).items()}
     return conv, params, logits

@@ -25,9 +25,11 @@ def main() -> None:
 
     from specbridge.api import Converter
     from specbridge.runtime import mcore_checkpoint
+    from specbridge.runtime.models import sample_inputs
     from specbridge.runtime.parallel import init_parallel
     from specbridge.runtime.placement import local_tensors
     from specbridge.verify import pipeline_logits
+    from tests.support import random_ids
 
     topology = init_parallel(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
     conv = Converter.from_pretrained(args.hf_dir)
@@ -38,8 +40,8 @@ def main() -> None:
     local = local_tensors(chunks)
     owned = sum(t.numel() * 4 for name, t in local.items())
     vocab = conv.plan.model_kwargs()["vocab_size"]
-    ids = torch.randint(0, vocab, (2, args.seq_len), generator=torch.Generator().manual_seed(0))
-    logits = pipeline_logits(chunks, ids, vocab)
+    inputs = sample_inputs(conv.plan.model, conv.hf_config, *random_ids(vocab, args.seq_len))
+    logits = pipeline_logits(chunks, inputs.ids, vocab, inputs.rows)
     if logits is not None and topology.tp_rank == 0:
         torch.save(logits, out / "logits.pt")
     conv.export_weights(chunks, out / "hf")

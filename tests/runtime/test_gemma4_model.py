@@ -14,8 +14,8 @@ from specbridge.runtime.parallel import destroy_parallel, init_parallel
 
 transformers = pytest.importorskip("transformers")
 
+from specbridge.api import Converter  # noqa: E402
 from specbridge.runtime.models import build_model  # noqa: E402
-from specbridge.runtime.models.gemma4 import build_gemma4  # noqa: E402
 from specbridge.runtime.models.gemma4_attention import rope_inv_freq  # noqa: E402
 
 LAYER_TYPES = [
@@ -158,7 +158,9 @@ def load_into(mcore, hf) -> None:
 
 
 def build(hf):
-    return build_model("gemma4", {}, {}, hf_config=hf.config)
+    """The Megatron model from the spec's config sections for `hf`'s config (the builder contract)."""
+    plan = Converter.from_config(hf.config, architecture=type(hf).__name__).plan
+    return build_model(plan.model, plan.transformer_kwargs(), plan.model_kwargs(), hf_config=hf.config)
 
 
 def inputs():
@@ -237,13 +239,13 @@ def test_parameter_names_and_shapes():
 
 
 @pytest.mark.parametrize(
-    ("override", "feature"),
-    [
-        (dict(hidden_size_per_layer_input=8), "per-layer embeddings"),
-        (dict(num_kv_shared_layers=2), "KV sharing"),
-    ],
+    "override",
+    [dict(use_bidirectional_attention="all"), dict(attention_bias=True)],
 )
-def test_unsupported_features_are_named(override, feature):
+def test_unmodelled_features_are_refused_by_the_spec(override):
+    """The spec's `requires:` is the one list of refusals: the builder keeps none of its own."""
+    from specbridge.errors import SpecError
+
     config = transformers.Gemma4TextConfig(**dict(CASES["dense_k_eq_v"], **override))
-    with pytest.raises(NotImplementedError, match=feature):
-        build_gemma4({}, {}, hf_config=config)
+    with pytest.raises(SpecError, match="not supported by the spec"):
+        Converter.from_config(config, architecture="Gemma4ForCausalLM")

@@ -1,14 +1,19 @@
-"""Gemma 4 text decoder (transformers `Gemma4ForCausalLM`) built from megatron-core parts.
+"""Gemma 4 (transformers `Gemma4ForCausalLM` / `Gemma4ForConditionalGeneration`) built from megatron-core parts.
 
-Contract: `build_gemma4(transformer, model, hf_config=...)` answers a `Gemma4Model` (a `GPTModel`) for
-this rank's place in the parallel layout (parallel state must be initialised) whose forward
-`model(input_ids, position_ids, attention_mask=None)` returns logits [b, s, V] equal to HF's
-`Gemma4ForCausalLM` logits given the same weights. Every HF tensor maps to exactly one megatron
-parameter (see `notes_gemma4.md` / the test's mapping); no weight is folded into another.
+Contract (the builder contract of `runtime.models`): `build_gemma4(transformer, model, *, hf_config, pre_process,
+post_process, vp_stage)` answers this rank's `Gemma4Model` chunk (a `GPTModel`; parallel state must be
+initialised) whose forward `model(input_ids, position_ids, attention_mask=None, **modalities)` returns logits
+[b, s, V] equal to transformers' given the same weights. `transformer` is the spec's `mcore.transformer` section
+(every per-layer fact: geometry, FFN width, KV sharing, RoPE, window, PLE width) plus the caller's overrides;
+`model` the spec's `mcore.model_args`. `hf_config` is read only for what transformers owns as whole modules: a
+multimodal `Gemma4Config` gives the vision / audio towers (transformers' own classes, first pipeline stage,
+replicated across TP) and the token ids their soft tokens replace. Every HF tensor maps to exactly one megatron
+tensor (see specs/gemma4.yaml); no weight is folded into another.
 
-Modules: gemma4_config (TransformerConfig + HF-derived kwargs), gemma4_attention (norm, RoPE,
-attention), gemma4_moe (router, MoE block), gemma4_layer (layer, specs), gemma4_model (GPTModel).
-This module imports megatron-core only when a model is built.
+Modules: gemma4_config (TransformerConfig with per-layer lists), gemma4_attention (norm, RoPE, attention, KV
+sharing), gemma4_moe (router, MoE block), gemma4_layer (layer, specs), gemma4_model (GPTModel: embeddings, PLE,
+masks, pipeline carry), gemma4_towers (vision / audio towers and their soft tokens). megatron-core is imported
+only when a model is built.
 """
 
 from __future__ import annotations
@@ -16,48 +21,29 @@ from __future__ import annotations
 from specbridge.runtime import cpu_compat
 
 
-def _text_config(hf_config):
-    """The text config of a Gemma4TextConfig or of a multimodal Gemma4Config."""
-    if getattr(hf_config, "model_type", None) == "gemma4":
-        return hf_config.get_text_config()
-    return hf_config
-
-
 def build_gemma4(
     transformer: dict,
     model: dict,
     *,
-    hf_config,
+    hf_config=None,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
 ):
-    """Build this rank's Gemma 4 text model chunk (eval mode) from a transformers Gemma 4 config.
-
-    `hf_config` (keyword, as `models.build_model` passes it for names in `NEEDS_HF_CONFIG`): a
-    `Gemma4TextConfig` (or a `Gemma4Config`, whose text config is used).
-    `transformer`: TransformerConfig kwargs overriding the ones derived from `hf_config` by
-    `gemma4_config.transformer_kwargs` (architecture) and from parallel_state (tensor / pipeline /
-    expert / expert-tensor / virtual-pipeline sizes). The caller typically passes only dtypes
-    (`params_dtype`, `bf16`), uneven-pipeline keys, `moe_token_dispatcher_type`, recompute settings.
-    `model`: GPTModel kwargs overriding `gemma4_config.model_kwargs` (vocab_size, max_sequence_length,
-    share_embeddings_and_output_weights from tie_word_embeddings; parallel_output, ...).
-    Raises NotImplementedError for per-layer embeddings, KV sharing and the other features
-    `gemma4_config.check_supported` names.
-    """
+    """Build this rank's Gemma 4 model chunk (eval mode); see the module docstring."""
     cpu_compat.apply()
-    from specbridge.runtime.models.gemma4_config import (
-        Gemma4TransformerConfig,
-        model_kwargs,
-        transformer_kwargs,
-    )
+    from specbridge.runtime.models.gemma4_config import Gemma4TransformerConfig, per_layer_checkpoint_keys
     from specbridge.runtime.models.gemma4_layer import gemma4_block_spec
-    from specbridge.runtime.models.gemma4_model import Gemma4Model
-    from specbridge.runtime.models.gpt import transformer_config
-    from specbridge.runtime.parallel import transformer_fields
+    from specbridge.runtime.models.gemma4_model import Gemma4Model, needs_pipeline_carry
+    from specbridge.runtime.models.gemma4_towers import multimodal_parts
+    from specbridge.runtime.models.gpt import transformer_config, transformer_config_kwargs
 
-    hf_config = _text_config(hf_config)
-    kwargs = {**transformer_kwargs(hf_config), **transformer_fields(), **transformer}
+    kwargs = transformer_config_kwargs({**per_layer_checkpoint_keys(), **transformer})
+    if kwargs.get("pipeline_model_parallel_size", 1) > 1 and needs_pipeline_carry(kwargs):
+        # later stages receive the shared K/V and per-layer inputs beside the hidden state: the tensor sent between
+        # stages is wider than hidden_size, so the schedule must exchange shapes (megatron-core's own mechanism)
+        kwargs["variable_seq_lengths"] = True
+        kwargs.setdefault("moe_token_dispatcher_type", "alltoall")  # megatron-core refuses allgather with it
     config = transformer_config(kwargs, Gemma4TransformerConfig)
     gemma = Gemma4Model(
         config=config,
@@ -65,6 +51,7 @@ def build_gemma4(
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
-        **{**model_kwargs(hf_config), **model},
+        multimodal=multimodal_parts(hf_config, config, build_towers=pre_process),
+        **model,
     )
     return gemma.eval()

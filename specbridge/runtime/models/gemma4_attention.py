@@ -12,12 +12,17 @@ Contract:
   layer type, applies a weightless `v_layernorm` to V, and on K=V layers (`attention_k_eq_v` and
   full attention) takes V from the raw K projection (before `k_layernorm`), so the V rows of
   `linear_qkv` are never read there (import fills them with a copy of K; they receive no gradient).
+  Every non-shared layer leaves its K and V (after the norms, before RoPE) in the model's `StageState` under its
+  layer type; a KV-shared layer has only `linear_q` (its query heads) and `q_layernorm`, and attends with the K/V
+  found there: the last non-shared layer of its type, as in transformers (RoPE applied to the same K at the same
+  positions gives the same rotated K). The core attention takes the model's mask per layer type as it is.
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core.parallel_state import get_tensor_model_parallel_rank
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from torch import Tensor
 
@@ -84,6 +89,27 @@ class Gemma4RotaryEmbedding(torch.nn.Module):
         return out
 
 
+class StageState:
+    """What one forward of a model chunk hands its layers beside the hidden state.
+
+    `kv[layer_type]`: (K, V) [s, b, groups, d] of the latest non-shared layer of that type (KV sharing).
+    `per_layer_inputs`: PLE inputs [s, b, n, P] of global layers `per_layer_offset .. per_layer_offset + n - 1`.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.kv: dict[str, tuple[Tensor, Tensor]] = {}
+        self.per_layer_inputs: Tensor | None = None
+        self.per_layer_offset = 0
+
+
+def query_projection(input_size: int, output_size: int, *, config, **kwargs) -> ColumnParallelLinear:
+    """The `linear_qkv` of a KV-shared layer: its query heads only (`num_attention_heads * kv_channels` rows)."""
+    return ColumnParallelLinear(input_size, config.num_attention_heads * config.kv_channels, config=config, **kwargs)
+
+
 class Gemma4SelfAttention(SelfAttention):
     """megatron SelfAttention with Gemma 4's per-type RoPE, weightless v-norm and K=V on full layers.
 
@@ -93,11 +119,20 @@ class Gemma4SelfAttention(SelfAttention):
 
     def __init__(self, config: Gemma4TransformerConfig, submodules, layer_number: int, **kwargs) -> None:
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
-        self.layer_type = config.layer_types[layer_number - 1]
+        index = layer_number - 1
+        self.layer_type = config.layer_types[index]
+        self.kv_shared = config.layer_kv_shared[index]
         self.k_eq_v = config.attention_k_eq_v and self.layer_type == FULL
-        self.v_layernorm = Gemma4RMSNorm(
-            config, self.hidden_size_per_attention_head, config.layernorm_epsilon, with_weight=False
-        )
+        self.state: StageState | None = None  # the model chunk's, set when the chunk is built
+        self.core_attention.scale_mask_softmax.window_size = None  # the model's masks already hold the window
+        if self.kv_shared:
+            self.linear_q = self.linear_qkv
+            del self.linear_qkv
+            self.k_layernorm = None
+        else:
+            self.v_layernorm = Gemma4RMSNorm(
+                config, self.hidden_size_per_attention_head, config.layernorm_epsilon, with_weight=False
+            )
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None, *args, rotary_pos_emb=None, **kwargs
@@ -105,6 +140,8 @@ class Gemma4SelfAttention(SelfAttention):
         """As `SelfAttention.forward`; `rotary_pos_emb` may be the per-layer-type dict of the model."""
         if isinstance(rotary_pos_emb, dict):
             rotary_pos_emb = rotary_pos_emb[self.layer_type]
+        if isinstance(attention_mask, dict):
+            attention_mask = attention_mask[self.layer_type]
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
     def get_query_key_value_tensors(
@@ -117,6 +154,8 @@ class Gemma4SelfAttention(SelfAttention):
         """Q, K, V [s, b, heads, d] after q/k/v norms; V is the raw K projection on K=V layers."""
         if output_gate or not split_qkv:
             raise NotImplementedError("Gemma 4 attention has no output gate and needs split QKV")
+        if self.kv_shared:
+            return self._shared_query_key_value(hidden_states)
         mixed_qkv, split_sizes = super().get_query_key_value_tensors(
             hidden_states, key_value_states, output_gate=False, split_qkv=False
         )
@@ -126,7 +165,19 @@ class Gemma4SelfAttention(SelfAttention):
         )
         if self.k_eq_v:
             value = key
-        return self.q_layernorm(query), self.k_layernorm(key), self.v_layernorm(value)
+        key, value = self.k_layernorm(key), self.v_layernorm(value)
+        if self.state is not None:
+            self.state.kv[self.layer_type] = (key, value)
+        return self.q_layernorm(query), key, value
+
+    def _shared_query_key_value(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """This layer's own normed queries; K and V of the last non-shared layer of the same type."""
+        if self.state is None or self.layer_type not in self.state.kv:
+            raise RuntimeError(f"KV-shared layer {self.layer_number - 1} found no {self.layer_type} K/V to reuse")
+        query, _ = self.linear_q(hidden_states)
+        query = query.view(*query.shape[:2], -1, self.hidden_size_per_attention_head)
+        key, value = self.state.kv[self.layer_type]
+        return self.q_layernorm(query), key, value
 
     def _local_query_heads(self, query: Tensor) -> Tensor:
         """This TP rank's query heads when the layer has fewer KV groups than TP ranks (megatron's rule)."""

@@ -6,9 +6,15 @@ KV groups) comes from its *global* index (`layer_number` + pipeline offset, via
     h = h + post_attention_layernorm(self_attention(input_layernorm(h)))
     r = h;  x = pre_mlp_layernorm(r)
     y = mlp(x)  (dense layer)   or   y = mlp(x, r)  (MoE layer, see gemma4_moe)
-    h = (r + post_mlp_layernorm(y)) * layer_scalar
-`gemma4_block_spec(config, vp_stage)` answers this pipeline stage's TransformerBlockSubmodules built from
-local (torch) megatron parts: ColumnParallel/RowParallel linears, DotProductAttention, SequentialMLP.
+    h = r + post_mlp_layernorm(y)
+    h = h + post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(h)) * p_i))   (PLE only)
+    h = h * layer_scalar
+where p_i is this layer's per-layer input (the model's `StageState`; the two small PLE projections are
+replicated across TP, so the block adds no reduction). The MLP width is the layer's own
+(`layer_ffn_hidden_sizes`). `gemma4_block_spec(config, vp_stage)` answers this pipeline stage's
+TransformerBlockSubmodules, one layer spec per layer, built from local (torch) megatron parts:
+ColumnParallel/RowParallel linears, DotProductAttention, SequentialMLP; a KV-shared layer's attention has a
+query-only projection and no k_layernorm.
 """
 
 from __future__ import annotations
@@ -36,7 +42,12 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import get_pg_rank, make_viewless_tensor
 from torch import Tensor
 
-from specbridge.runtime.models.gemma4_attention import Gemma4RMSNorm, Gemma4SelfAttention
+from specbridge.runtime.models.gemma4_attention import (
+    Gemma4RMSNorm,
+    Gemma4SelfAttention,
+    StageState,
+    query_projection,
+)
 from specbridge.runtime.models.gemma4_config import Gemma4TransformerConfig
 from specbridge.runtime.models.gemma4_moe import Gemma4MoELayer, Gemma4Router
 
@@ -71,6 +82,16 @@ class Gemma4TransformerLayer(TransformerLayer):
         self.post_attention_layernorm = build_module(submodules.post_attention_layernorm, **norm_args)
         self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm_args)
         self.layer_scalar = torch.nn.Parameter(torch.ones(1, dtype=config.params_dtype), requires_grad=False)
+        self.state: StageState | None = None  # the model chunk's, set when the chunk is built
+        if config.per_layer_input_size:
+            self._build_per_layer_input_block(config, pg_collection)
+
+    def _build_per_layer_input_block(self, config, pg_collection) -> None:
+        """PLE: gate H -> P, projection P -> H (small: replicated across TP), norm over H."""
+        width, dtype = config.per_layer_input_size, config.params_dtype
+        self.per_layer_input_gate = torch.nn.Linear(config.hidden_size, width, bias=False, dtype=dtype)
+        self.per_layer_projection = torch.nn.Linear(width, config.hidden_size, bias=False, dtype=dtype)
+        self.post_per_layer_input_norm = Gemma4RMSNorm(config, config.hidden_size, config.layernorm_epsilon)
 
     def _build_mlp(self, spec, pg_collection):
         """The dense MLP (TP group) or the Gemma MoE block (full process-group collection)."""
@@ -114,17 +135,30 @@ class Gemma4TransformerLayer(TransformerLayer):
         else:
             output, _ = self.mlp(normed)
         hidden_states = residual + self._dropout(self.post_mlp_layernorm(output))
+        if self.config.per_layer_input_size:
+            hidden_states = hidden_states + self._per_layer_input_block(hidden_states)
         hidden_states = hidden_states * self.layer_scalar.to(hidden_states.dtype)
         return make_viewless_tensor(
             hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True
         ), context
 
+    def _per_layer_input_block(self, hidden_states: Tensor) -> Tensor:
+        gated = self.config.activation_func(self.per_layer_input_gate(hidden_states)) * self._per_layer_input()
+        return self.post_per_layer_input_norm(self.per_layer_projection(gated))
+
+    def _per_layer_input(self) -> Tensor:
+        """This layer's per-layer input [s, b, P] (from the model chunk's stage state)."""
+        state = self.state
+        if state is None or state.per_layer_inputs is None:
+            raise RuntimeError(f"layer {self.layer_number - 1} has per-layer embeddings but received no inputs")
+        return state.per_layer_inputs[:, :, self.layer_number - 1 - state.per_layer_offset]
+
     def _dropout(self, x: Tensor) -> Tensor:
         return F.dropout(x, p=self.hidden_dropout, training=self.training)
 
 
-def gemma4_layer_spec(config: Gemma4TransformerConfig):
-    """ModuleSpec of one Gemma 4 layer: local (torch) megatron parts, MoE block when experts are set."""
+def gemma4_layer_spec(config: Gemma4TransformerConfig, index: int):
+    """ModuleSpec of global layer `index`: local (torch) megatron parts, MoE block when experts are set."""
     linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     dense = ModuleSpec(module=MLP, submodules=linears)
     mlp = dense
@@ -134,15 +168,16 @@ def gemma4_layer_spec(config: Gemma4TransformerConfig):
             module=Gemma4MoELayer,
             submodules=MoESubmodules(experts=experts, shared_experts=dense, router=Gemma4Router),
         )
+    shared = config.layer_kv_shared[index]
     attention = ModuleSpec(
         module=Gemma4SelfAttention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear,
+            linear_qkv=query_projection if shared else ColumnParallelLinear,
             core_attention=DotProductAttention,
             linear_proj=RowParallelLinear,
             q_layernorm=Gemma4RMSNorm,
-            k_layernorm=Gemma4RMSNorm,
+            k_layernorm=Gemma4RMSNorm,  # dropped again by a KV-shared layer (megatron-core 0.19 wants one here)
         ),
     )
     return ModuleSpec(
@@ -160,6 +195,7 @@ def gemma4_layer_spec(config: Gemma4TransformerConfig):
 
 def gemma4_block_spec(config: Gemma4TransformerConfig, vp_stage: int | None = None):
     """TransformerBlockSubmodules for this pipeline stage, with Gemma's RMSNorm as the final norm."""
-    layer = gemma4_layer_spec(config)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=Gemma4RMSNorm)
+    offset = get_transformer_layer_offset(config, vp_stage)
+    layers = [gemma4_layer_spec(config, offset + k) for k in range(count)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=Gemma4RMSNorm)

@@ -115,11 +115,13 @@ def build_gpt(
     transformer: dict,
     model: dict,
     *,
+    hf_config=None,
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
 ):
-    """Build a megatron-core GPTModel from TransformerConfig kwargs and GPTModel kwargs.
+    """Build a megatron-core GPTModel from TransformerConfig kwargs and GPTModel kwargs (`hf_config` unused:
+    the spec's config sections say everything).
 
     `transformer` may give `activation_func` as a name ("silu", "gelu") and `params_dtype` as a name.
     `model` holds GPTModel kwargs (vocab_size, max_sequence_length, position_embedding_type,
