@@ -13,6 +13,7 @@ when not under torchrun).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from importlib import resources
 from pathlib import Path
@@ -20,9 +21,10 @@ from pathlib import Path
 import torch
 
 from . import compiler
-from .compiler import ir
+from .compiler import adapters, ir
 from .errors import ConversionError, SpecError, UsageError
-from .runtime import collectives, exporter, importer, manifests
+from .runtime import adapter_io, collectives, exporter, importer, lora, manifests
+from .runtime.lora import LoraSettings
 from .runtime.placement import Ranks
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
@@ -128,15 +130,18 @@ class Converter:
         return reader
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
-                       max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress=None) -> Path:
+                       max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress=None,
+                       wrap_sink=None) -> Path:
         """Write an HF checkpoint (safetensors + config.json), from all ranks at once when distributed: each
         writing rank writes its own shard files, rank 0 the index and config; all into one staging directory
-        that becomes `out_dir` only when every rank succeeded."""
+        that becomes `out_dir` only when every rank succeeded. `wrap_sink(writer)` may wrap the shard writer
+        (the adapter merge does)."""
         dtype = dtype or config_dtype(self.hf_config)
         ranks = Ranks.current()
         with collectives.staged_output(out_dir, overwrite) as staging:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
-            exporter.export_weights(chunks, self.plan, writer, ranks, hf_dtype=dtype, check_absent=check_absent,
+            sink = wrap_sink(writer) if wrap_sink is not None else writer
+            exporter.export_weights(chunks, self.plan, sink, ranks, hf_dtype=dtype, check_absent=check_absent,
                                     progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
             if ranks.rank == 0:
@@ -144,6 +149,61 @@ class Converter:
                 finalize(staging, weight_map, sum(total for _, total in maps))
                 write_hf_config(self, chunks, staging, dtype)
         return Path(out_dir)
+
+    # ------------------------------------------------------------ LoRA adapters (derived from the base plan)
+    @functools.cached_property
+    def adapter_plan(self) -> adapters.AdapterPlan:
+        spec = self.spec
+        return adapters.derive(self.plan, sources={spec.file: spec.source})
+
+    def add_adapter(self, chunks, rank: int, alpha: float | None = None, targets=adapters.TARGETS,
+                    use_rslora: bool = False, seed: int = 0) -> LoraSettings:
+        """Fresh LoRA adapters on `targets` (Megatron linear names): B zero, A random (the same on every rank)."""
+        settings = LoraSettings(rank, rank if alpha is None else alpha, tuple(targets), use_rslora)
+        return self.restore_adapter(chunks, settings, init_seed=seed)
+
+    def restore_adapter(self, chunks, settings: LoraSettings, init_seed: int | None = None) -> LoraSettings:
+        """The LoRA modules of `settings` on `chunks` (before a Megatron checkpoint holding them is loaded)."""
+        ranks = Ranks.current()
+        lora.apply_lora(chunks, self.adapter_plan, settings, ranks.ep_rank)
+        if init_seed is not None:
+            adapter_io.init_adapter(chunks, self.adapter_plan, settings, ranks, init_seed)
+        return settings
+
+    def import_adapter(self, chunks, peft_dir) -> LoraSettings:
+        """Add a PEFT LoRA adapter to `chunks` (base weights already imported): its settings."""
+        config, reader = adapter_io.read_peft(peft_dir)
+        settings = adapter_io.settings_from_peft(config, self.adapter_plan, reader)
+        self.restore_adapter(chunks, settings)
+        adapter_io.import_adapter(chunks, self.adapter_plan, settings, reader, Ranks.current())
+        return settings
+
+    def adapter_tensors(self, chunks, settings: LoraSettings, check_absent: bool = True) -> dict:
+        """The PEFT adapter tensors of `chunks` (on every rank)."""
+        return adapter_io.export_adapter(chunks, self.adapter_plan, settings, Ranks.current(), check_absent)
+
+    def export_adapter(self, chunks, out_dir, settings: LoraSettings, check_absent: bool = True,
+                       overwrite: bool = False, base_model: str | None = None) -> Path:
+        """Write the PEFT adapter (adapter_model.safetensors + adapter_config.json naming the base model)."""
+        tensors = self.adapter_tensors(chunks, settings, check_absent)
+        base = base_model or getattr(self.hf_config, "_name_or_path", None) or None
+        config = adapter_io.peft_config(settings, self.adapter_plan, base)
+        return adapter_io.write_peft(out_dir, tensors, config, overwrite)
+
+    def export_merged(self, chunks, out_dir, settings: LoraSettings, dtype: torch.dtype | None = None,
+                      check_absent: bool = True, overwrite: bool = False, progress=None) -> Path:
+        """Write a full HF checkpoint with the adapter merged: W + scale * (B @ A), in fp32, cast back."""
+        updates = adapter_io.deltas(self.adapter_tensors(chunks, settings, check_absent))
+        return self.export_weights(chunks, out_dir, dtype, check_absent, overwrite=overwrite, progress=progress,
+                                   wrap_sink=lambda w: adapter_io.MergingSink(w, updates, settings.scale))
+
+    def check_adapter(self, chunks, rank: int = 8) -> adapters.AdapterPlan:
+        """Prove the derived adapter plan against PEFT's adapter keys (meta device) and `chunks`' adapters."""
+        spec = self.spec
+        hf = adapter_io.hf_adapter_manifest(self.plan.architecture, self.hf_config, self.adapter_plan, rank)
+        mcore = adapter_io.mcore_adapter_manifest(chunks, self.plan.model)
+        adapters.prove(self.adapter_plan, hf, mcore, sources={spec.file: spec.source})
+        return self.adapter_plan
 
 
 def config_dtype(hf_config) -> torch.dtype | None:

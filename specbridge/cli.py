@@ -3,8 +3,9 @@
     specbridge check SPEC --config CONFIG            coverage proof against both manifests
     specbridge explain SPEC --config CONFIG NAME     how one tensor (either side) is derived
     specbridge compile SPEC -o bridge.py             standalone bridge module
-    specbridge import HF_DIR OUT                     HF checkpoint -> Megatron dist checkpoint
+    specbridge import HF_DIR OUT [--adapter PEFT]    HF checkpoint (+ PEFT LoRA adapter) -> Megatron dist checkpoint
     specbridge export MCORE_DIR OUT                  Megatron dist checkpoint -> HF checkpoint
+               [--adapter-only | --merge]            ... its LoRA adapter as a PEFT adapter / merged into the weights
     specbridge roundtrip HF_DIR                      HF -> Megatron -> HF, exit 0 only if bit-exact
     specbridge parity HF_DIR                         fp32 logits vs transformers
     specbridge demo                                  the main job on an embedded tiny model
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     spec_flags(p, False)
     parallel_flags(p)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--adapter", default=None, metavar="PEFT_DIR",
+                   help="also convert this PEFT LoRA adapter (the Megatron checkpoint holds both)")
     p = sub.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint")
     p.add_argument("mcore_dir")
     p.add_argument("out")
@@ -70,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--absent", choices=("check", "drop"), default="check",
                    help="absent projections: assert they still follow their policy (default) or drop them")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write the checkpoint's LoRA adapter as a PEFT adapter (adapter_model.safetensors)")
+    p.add_argument("--merge", action="store_true", help="write the HF checkpoint with the LoRA adapter merged")
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF; exit 0 only if bit-exact")
     p.add_argument("hf_dir")
     spec_flags(p, False)
@@ -156,10 +162,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    from .compiler import adapters
     from .compiler.explain import explain
 
     conv = _converter_from_args(args, args.config)
-    print(explain(conv.plan, args.name, conv.spec.source))
+    if ".lora_A." in args.name or ".lora_B." in args.name or ".adapter.linear_" in args.name:
+        print(adapters.explain(conv.adapter_plan, args.name, conv.spec.source))
+    else:
+        print(explain(conv.plan, args.name, conv.spec.source))
     return 0
 
 
@@ -184,12 +194,17 @@ def cmd_import(args) -> int:
     update, close = _progress(len(conv.plan.mappings), "import")
     conv.import_weights(chunks, args.hf_dir, progress=update)
     close()
+    settings = conv.import_adapter(chunks, args.adapter) if args.adapter else None
     metadata = {"spec": str(conv.spec_path), "spec_name": conv.plan.spec, "digest": conv.plan.digest,
                 "architecture": conv.plan.architecture, "format": conv.plan.format,
                 "hf_config": conv.hf_config.to_dict(),
                 "written_with": {"tp": topology.tp_size, "pp": topology.pp_size, "ep": topology.ep_size}}
+    if settings is not None:
+        metadata["adapter"] = {**settings.to_json(), "base_model": str(args.hf_dir)}
     mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite)
-    _say(f"import: {args.hf_dir} -> {args.out} (megatron-core dist checkpoint, {len(conv.plan.mappings)} tensors)")
+    with_adapter = f" with the LoRA adapter {args.adapter}" if args.adapter else ""
+    _say(f"import: {args.hf_dir} -> {args.out} (megatron-core dist checkpoint, {len(conv.plan.mappings)} tensors"
+         f"{with_adapter})")
     return 0
 
 
@@ -199,17 +214,35 @@ def cmd_export(args) -> int:
     from .api import Converter
     from .runtime import mcore_checkpoint
 
+    from .errors import UsageError
+    from .runtime.lora import LoraSettings
+
+    if args.adapter_only and args.merge:
+        raise UsageError("--adapter-only and --merge exclude each other")
     _init(args)
     meta = mcore_checkpoint.read_metadata(args.mcore_dir)
     hf_config = AutoConfig.for_model(**meta["hf_config"])
     conv = Converter.from_config(hf_config, meta["spec"], meta["architecture"], args.format or meta["format"])
     chunks = conv.build_model()
+    adapter = meta.get("adapter")
+    if (args.adapter_only or args.merge) and not adapter:
+        raise UsageError(f"the Megatron checkpoint '{args.mcore_dir}' holds no LoRA adapter")
+    settings = conv.restore_adapter(chunks, LoraSettings.from_json(adapter)) if adapter else None
     mcore_checkpoint.load(chunks, args.mcore_dir)
+    check_absent = args.absent == "check"
+    if args.adapter_only:
+        conv.export_adapter(chunks, args.out, settings, check_absent, args.overwrite, adapter.get("base_model"))
+        _say(f"export: {args.mcore_dir} -> {args.out} (PEFT LoRA adapter)")
+        return 0
     update, close = _progress(len(conv.plan.mappings), "export")
-    conv.export_weights(chunks, args.out, check_absent=args.absent == "check", overwrite=args.overwrite,
-                        progress=update)
+    if args.merge:
+        conv.export_merged(chunks, args.out, settings, check_absent=check_absent, overwrite=args.overwrite,
+                           progress=update)
+    else:
+        conv.export_weights(chunks, args.out, check_absent=check_absent, overwrite=args.overwrite, progress=update)
     close()
-    _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}')")
+    merged = " with the LoRA adapter merged" if args.merge else ""
+    _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}'{merged})")
     return 0
 
 
