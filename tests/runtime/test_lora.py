@@ -265,3 +265,40 @@ def test_cli_import_with_adapter_export_adapter_only_and_merged(models, tmp_path
     assert written.keys() and all(within_one_ulp(written.get(k), merged[k]) for k in written.keys())
     assert (tmp_path / "merged" / "config.json").is_file()
     assert cli.main(["export", str(tmp_path / "mcore"), str(tmp_path / "both"), "--merge", "--adapter-only"]) == 2
+
+
+def test_partial_targets_and_broken_block_structure(models, tmp_path, parallel):
+    """A PEFT adapter on q and v only: K's rows of the fused B are zero, and stay unwritten on export (an adapter
+    trained to change them is refused); a stacked A whose B left its block structure is refused too."""
+    hf, _, _ = models["llama"]
+    adapter = peft_adapter(hf, tmp_path / "qv", ["q_proj", "v_proj"])
+    conv, chunks, settings = imported(hf, adapter)
+    assert settings.targets == ("linear_qkv",) and settings.hf_targets == ("q_proj", "v_proj")
+    ids, vocab = ids_for(conv)
+    with torch.no_grad():
+        expected = peft_model(hf, adapter)(input_ids=ids).logits.float()
+    assert (megatron_logits(chunks[0], ids)[..., :vocab] - expected).abs().max().item() <= 1e-4
+    conv.export_adapter(chunks, tmp_path / "back", settings)
+    source, back = CheckpointReader(adapter), CheckpointReader(tmp_path / "back")
+    assert back.keys() == source.keys() and all(torch.equal(source.get(k), back.get(k)) for k in source.keys())
+
+    target = next(t for t in conv.adapter_plan.targets if t.module.endswith("linear_qkv"))
+    b = adapter_tensors(chunks)[target.b.mcore]
+    with torch.no_grad():
+        b[0, -1] += 1.0  # a q row now reads v's rank columns
+    with pytest.raises(ConversionError, match="no longer block-structured"):
+        conv.export_adapter(chunks, tmp_path / "broken", settings)
+    with torch.no_grad():
+        b[0, -1] -= 1.0
+        b[_k_row(target, b), 0] = 1.0
+    with pytest.raises(ConversionError, match="has no adapter on 'model.layers.0.self_attn.k_proj'"):
+        conv.export_adapter(chunks, tmp_path / "k_changed", settings)
+
+
+def _k_row(t, b) -> int:
+    """The first row of part k in the fused QKV B."""
+    from specbridge.runtime.ops import fuse, split
+
+    parts = split(t.b.layout, b)
+    marked = {p: torch.full_like(v, float(p == "k")) for p, v in parts.items()}
+    return int(fuse(t.b.layout, marked)[:, 0].nonzero()[0])
