@@ -79,10 +79,6 @@ class AdapterPlan:
     def by_module(self) -> dict[str, AdapterTarget]:
         return {t.module: t for t in self.targets}
 
-    def hf_target_modules(self) -> tuple[str, ...]:
-        """The HF module names PEFT adapts (its `target_modules`, by last name)."""
-        return tuple(sorted({module.rsplit(".", 1)[-1] for t in self.targets for _, module in t.hf_modules}))
-
 
 def peft_key(hf_module: str, which: str) -> str:
     return f"{PEFT_PREFIX}{hf_module}.lora_{which}.weight"

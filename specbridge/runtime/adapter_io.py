@@ -82,7 +82,7 @@ def settings_from_peft(config: dict, adapter: AdapterPlan, reader: CheckpointRea
                                if k.startswith(PEFT_PREFIX)}))
     linears = tuple(sorted({t.module.rsplit(".", 1)[-1] for t in adapter.targets
                             if any(hf.rsplit(".", 1)[-1] in hf_targets for _, hf in t.hf_modules)}))
-    settings = LoraSettings(config.get("r"), config.get("lora_alpha", config.get("r")), linears or adapter_targets(adapter),
+    settings = LoraSettings(config.get("r"), config.get("lora_alpha", 8), linears or adapter_targets(adapter),
                             bool(config.get("use_rslora", False)), hf_targets, peft_config=config)
     _check_uniform(config, adapter, settings)
     expected = _expected_keys(adapter, settings)
