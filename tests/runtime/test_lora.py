@@ -306,3 +306,35 @@ def _k_row(t, b) -> int:
     parts = split(t.b.layout, b)
     marked = {p: torch.full_like(v, float(p == "k")) for p, v in parts.items()}
     return int(fuse(t.b.layout, marked)[:, 0].nonzero()[0])
+
+
+def test_derivation_and_proof_refuse_what_does_not_fit(models, parallel):
+    import dataclasses
+
+    from specbridge.compiler import adapters, ir
+    from specbridge.errors import SpecError
+    from specbridge.runtime.adapter_io import hf_adapter_manifest, mcore_adapter_manifest
+
+    hf, _, _ = models["llama"]
+    conv = Converter.from_pretrained(hf)
+    plan = conv.plan
+    qkv = next(m for m in plan.mappings if m.mcore.endswith("layers.0.self_attention.linear_qkv.weight"))
+    scaled = dataclasses.replace(qkv, hf_to_mcore=(*qkv.hf_to_mcore, ir.ScaleBy("model.norm.weight")))
+    with pytest.raises(SpecError, match="ScaleBy"):
+        adapters.derive(dataclasses.replace(plan, mappings=(scaled,)))
+    with pytest.raises(UsageError, match="linear_foo"):
+        adapters.derive(plan, targets=("linear_foo",))
+    with pytest.raises(UsageError, match="routed experts"):
+        adapters.derive(plan, experts=True)
+
+    chunks = conv.build_model()
+    conv.add_adapter(chunks, RANK, ALPHA)
+    adapter = conv.adapter_plan
+    peft_side = hf_adapter_manifest(plan.architecture, conv.hf_config, adapter, RANK)
+    mcore_side = mcore_adapter_manifest(chunks, plan.model)
+    dropped = dataclasses.replace(mcore_side, tensors=mcore_side.tensors[1:])
+    with pytest.raises(SpecError, match=mcore_side.tensors[0][0].replace(".", r"\.")):
+        adapters.prove(adapter, peft_side, dropped)
+    wrong_rank = hf_adapter_manifest(plan.architecture, conv.hf_config, adapter, RANK + 1)
+    with pytest.raises(SpecError, match="shape mismatch"):
+        adapters.prove(adapter, wrong_rank, mcore_side)
