@@ -187,7 +187,7 @@ class Converter:
         """Write the PEFT adapter (adapter_model.safetensors + adapter_config.json naming the base model)."""
         tensors = self.adapter_tensors(chunks, settings, check_absent)
         base = base_model or getattr(self.hf_config, "_name_or_path", None) or None
-        config = adapter_io.peft_config(settings, self.adapter_plan, base)
+        config = adapter_io.peft_config(settings, self.adapter_plan, base, self.hf_config)
         return adapter_io.write_peft(out_dir, tensors, config, overwrite)
 
     def export_merged(self, chunks, out_dir, settings: LoraSettings, dtype: torch.dtype | None = None,

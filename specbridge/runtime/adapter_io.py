@@ -307,17 +307,30 @@ def _check_absent_rows(t: AdapterTarget, op: ir.CheckAbsent, parts: dict) -> Non
 # ---------------------------------------------------------------- files
 
 
-def peft_config(settings: LoraSettings, adapter: AdapterPlan, base_model: str | None) -> dict:
-    """adapter_config.json: the PEFT config the adapter came from (base model updated), or a plain LoRA config."""
+def peft_config(settings: LoraSettings, adapter: AdapterPlan, base_model: str | None, hf_config=None) -> dict:
+    """adapter_config.json: the PEFT config the adapter came from (base model updated), or a plain LoRA config whose
+    `target_modules` name exactly the adapted HF linears (by last name when that names no other module of the HF
+    model, e.g. a vision tower's, else by full name)."""
     if settings.peft_config is not None:
         return {**settings.peft_config, "base_model_name_or_path": base_model}
-    modules = sorted({hf.rsplit(".", 1)[-1] for t in _adapted(adapter, settings) for _, hf in
-                      _adapted_parts(t, settings)})
+    modules = sorted({hf for t in _adapted(adapter, settings) for _, hf in _adapted_parts(t, settings)})
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": settings.rank, "lora_alpha": settings.alpha, "use_rslora": settings.use_rslora,
-            "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
-            "alpha_pattern": {}, "use_dora": False}
+            "target_modules": _target_modules(modules, adapter.base.architecture, hf_config), "lora_dropout": 0.0,
+            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
+
+
+def _target_modules(modules: list[str], architecture: str, hf_config) -> list[str]:
+    short = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    if hf_config is None:
+        return short
+    from .manifests import hf_model_class
+
+    with torch.device("meta"):
+        model = hf_model_class(architecture)(hf_config)
+    named = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in short}
+    return short if named == set(modules) else modules
 
 
 def write_peft(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, overwrite: bool = False) -> Path:

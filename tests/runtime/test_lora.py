@@ -335,6 +335,11 @@ def test_derivation_and_proof_refuse_what_does_not_fit(models, parallel):
     dropped = dataclasses.replace(mcore_side, tensors=mcore_side.tensors[1:])
     with pytest.raises(SpecError, match=mcore_side.tensors[0][0].replace(".", r"\.")):
         adapters.prove(adapter, peft_side, dropped)
+    from specbridge.runtime.adapter_io import _target_modules
+
+    every_q = [m for t in adapter.targets for p, m in t.hf_modules if p == "q"]
+    assert _target_modules(every_q, plan.architecture, conv.hf_config) == ["q_proj"]
+    assert _target_modules(every_q[:1], plan.architecture, conv.hf_config) == every_q[:1]  # not every q_proj
     wrong_rank = hf_adapter_manifest(plan.architecture, conv.hf_config, adapter, RANK + 1)
     with pytest.raises(SpecError, match="shape mismatch"):
         adapters.prove(adapter, wrong_rank, mcore_side)
