@@ -1,6 +1,6 @@
 """The `specbridge` command line.
 
-    specbridge check SPEC --config CONFIG            coverage proof against both manifests
+    specbridge check SPEC --config CONFIG [--lora]   coverage proof against both manifests (and of the LoRA plan)
     specbridge explain SPEC --config CONFIG NAME     how one tensor (either side) is derived
     specbridge compile SPEC -o bridge.py             standalone bridge module
     specbridge import HF_DIR OUT [--adapter PEFT]    HF checkpoint (+ PEFT LoRA adapter) -> Megatron dist checkpoint
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="prove coverage of SPEC for CONFIG")
     spec_flags(p, True)
+    p.add_argument("--lora", action="store_true", help="also prove the LoRA adapter plan derived from the spec")
     p = sub.add_parser("explain", help="how one tensor name (either side) is derived")
     spec_flags(p, True)
     p.add_argument("name")
@@ -158,6 +159,12 @@ def cmd_check(args) -> int:
     _say(f"  mcore: {len(mcore.tensors)} tensors, each produced exactly once or named by a sentinel")
     _say(f"  {len(plan.mappings)} mappings from {len({m.rule for m in plan.mappings})} rules, {tied} sentinels, "
          f"{sum(1 for m in plan.mappings if not m.exact)} inexact")
+    if args.lora:
+        chunks = conv.build_model()
+        conv.add_adapter(chunks, rank=8)
+        adapter = conv.check_adapter(chunks, rank=8)
+        _say(f"  LoRA: {len(adapter.targets)} adapted linears, {2 * len(adapter.targets)} adapter tensors on each side "
+             f"(PEFT lora_A/lora_B, Megatron adapter.linear_in/linear_out), derived from the base rules: proved")
     return 0
 
 

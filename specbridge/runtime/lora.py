@@ -83,10 +83,10 @@ class LoraSettings:
 class LoraAdapter(torch.nn.Module):
     """`scale * linear_out(linear_in(x))`; `row`: `linear_in`'s output is a partial sum over TP ranks."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, row: bool, dtype):
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, row: bool, like: torch.Tensor):
         super().__init__()
-        self.linear_in = torch.nn.Linear(in_features, rank, bias=False, dtype=dtype)
-        self.linear_out = torch.nn.Linear(rank, out_features, bias=False, dtype=dtype)
+        self.linear_in = torch.nn.Linear(in_features, rank, bias=False, dtype=like.dtype, device=like.device)
+        self.linear_out = torch.nn.Linear(rank, out_features, bias=False, dtype=like.dtype, device=like.device)
         with torch.no_grad():  # like Megatron-Bridge and PEFT: B starts at zero, so the adapter starts as a no-op
             self.linear_out.weight.zero_()
         self.scale = scale
@@ -143,11 +143,15 @@ def apply_lora(chunks, adapter: AdapterPlan, settings: LoraSettings, ep_rank: in
                 raise UsageError(f"'{target.module}' already has an adapter")
             row = isinstance(linear, RowParallelLinear)
             if not (row or isinstance(linear, ColumnParallelLinear)) or row != (target.parallel == "row"):
-                raise ConversionError(f"'{target.module}' is a {type(linear).__name__}, but the spec shards it "
-                                      f"{target.parallel}-parallel", key=target.base.mcore, rule=target.base.span)
+                raise ConversionError(f"'{target.module}' is a {type(linear).__name__}, but LoRA here adapts "
+                                      f"megatron-core's {target.parallel}-parallel linear (local layer spec), which "
+                                      f"the spec shards it as", key=target.base.mcore, rule=target.base.span)
+            if linear.config.sequence_parallel:
+                raise UsageError("LoRA adapters with sequence parallelism are not supported (the adapter would see "
+                                 "the sequence-sharded input)")
             out_features, in_features = tensor.shape
             linear.adapter = LoraAdapter(in_features, out_features, settings.module_rank(target.module),
-                                         settings.scale, row, tensor.dtype)
+                                         settings.scale, row, tensor)
             linear.lora_glu = target.module.endswith("linear_fc1") and bool(linear.config.gated_linear_unit)
             linear.register_forward_hook(_add_adapter, with_kwargs=True)
             linear.sharded_state_dict = types.MethodType(_sharded_state_dict, linear)

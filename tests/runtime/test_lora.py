@@ -257,6 +257,8 @@ def test_cli_import_with_adapter_export_adapter_only_and_merged(models, tmp_path
                      "decoder.layers.1.mlp.linear_fc1.adapter.linear_out.weight"]) == 0
     shown = capsys.readouterr().out
     assert "model.layers.1.mlp.up_proj.lora_B.weight" in shown and "([gate | up] f) lora_rank" in shown
+    assert cli.main(["check", "llama", "--config", str(hf), "--lora"]) == 0
+    assert "LoRA: 12 adapted linears, 24 adapter tensors" in capsys.readouterr().out
     assert cli.main(["import", str(hf), str(tmp_path / "mcore"), "--adapter", str(adapter)]) == 0
     meta = json.loads((tmp_path / "mcore" / "specbridge.json").read_text())
     assert meta["adapter"]["rank"] == RANK and meta["adapter"]["peft_config"]["r"] == RANK
