@@ -82,7 +82,7 @@ def settings_from_peft(config: dict, adapter: AdapterPlan, reader: CheckpointRea
                                if k.startswith(PEFT_PREFIX)}))
     linears = tuple(sorted({t.module.rsplit(".", 1)[-1] for t in adapter.targets
                             if any(hf.rsplit(".", 1)[-1] in hf_targets for _, hf in t.hf_modules)}))
-    settings = LoraSettings(config.get("r"), config.get("lora_alpha", 8), linears or adapter_targets(adapter),
+    settings = LoraSettings(config.get("r"), config.get("lora_alpha", 8), linears or _all_linears(adapter),
                             bool(config.get("use_rslora", False)), hf_targets, peft_config=config)
     _check_uniform(config, adapter, settings)
     expected = _expected_keys(adapter, settings)
@@ -101,7 +101,7 @@ def settings_from_peft(config: dict, adapter: AdapterPlan, reader: CheckpointRea
         if len(shape) != 2 or shape[rank_dim] != settings.rank:
             raise ConversionError(f"PEFT tensor '{key}' has shape {list(shape)}, not rank {settings.rank} as "
                                   f"adapter_config.json says", key=key)
-    stacked = tuple((t.module, parts) for t in adapter.targets if (parts := _stacking(t, settings, reader)))
+    stacked = tuple((t.module, parts) for t in _adapted(adapter, settings) if (parts := _stacking(t, settings, reader)))
     return LoraSettings(settings.rank, settings.alpha, settings.targets, settings.use_rslora, hf_targets, stacked,
                         config)
 
@@ -115,13 +115,21 @@ def _check_uniform(config: dict, adapter: AdapterPlan, settings: LoraSettings) -
             raise UsageError(f"PEFT LoRA option {field} must be a mapping, got {patterns!r}")
         for t in _adapted(adapter, settings):
             for _, hf in _adapted_parts(t, settings):
-                value = next((v for p, v in patterns.items() if re.match(rf"(.*\.)?({p})$", hf)), default)
+                value = next((v for p, v in patterns.items() if _matches(p, hf)), default)
                 if value != default:
                     raise UsageError(f"PEFT LoRA option {field} gives '{hf}' {value}, not {default}: per-module "
                                      f"ranks and alphas are not supported")
 
 
-def adapter_targets(adapter: AdapterPlan) -> tuple[str, ...]:
+def _matches(pattern, module: str) -> bool:
+    """PEFT's pattern rule: the pattern matches the module name's tail at a dot boundary."""
+    try:
+        return re.match(rf"(.*\.)?({pattern})$", module) is not None
+    except (re.error, TypeError) as exc:
+        raise UsageError(f"PEFT LoRA pattern {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def _all_linears(adapter: AdapterPlan) -> tuple[str, ...]:
     return tuple(sorted({t.module.rsplit(".", 1)[-1] for t in adapter.targets}))
 
 
