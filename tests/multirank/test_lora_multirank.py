@@ -1,4 +1,4 @@
-"""LoRA under torchrun (gloo): importing an HF checkpoint with a PEFT adapter at TP2 / EP2 gives the single-rank
+"""LoRA under torchrun (gloo): importing an HF checkpoint with a PEFT adapter at TP2 / EP2 / PP2 gives the single-rank
 logits and the same adapter and merged files as a single rank, and the Megatron checkpoint written there (adapter
 weights sharded along their own TP axes) loads at TP1 to the same adapter."""
 
@@ -22,6 +22,7 @@ CASES = {  # name: (family, processes, flags)
     "tp2": ("llama", 2, ["--tp", "2"]),
     "ep2": ("qwen3_moe", 2, ["--ep", "2"]),
     "gemma4_tp2": ("gemma4_dense", 2, ["--tp", "2"]),  # K=V full layers: 1 KV group < TP
+    "pp2": ("llama", 2, ["--pp", "2"]),  # each stage exports its layers' adapters
 }
 
 
