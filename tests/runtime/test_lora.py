@@ -345,3 +345,16 @@ def test_derivation_and_proof_refuse_what_does_not_fit(models, parallel):
     wrong_rank = hf_adapter_manifest(plan.architecture, conv.hf_config, adapter, RANK + 1)
     with pytest.raises(SpecError, match="shape mismatch"):
         adapters.prove(adapter, wrong_rank, mcore_side)
+
+
+def test_readme_lora_example(models, tmp_path, parallel):
+    hf, peft_dir, _ = models["llama"]
+    conv, chunks, _ = imported(hf)
+    settings = conv.import_adapter(chunks, peft_dir)
+    conv.export_adapter(chunks, tmp_path / "peft_out", settings)
+    conv.export_merged(chunks, tmp_path / "hf_merged", settings)
+    assert (tmp_path / "peft_out" / "adapter_config.json").is_file()
+    assert (tmp_path / "hf_merged" / "config.json").is_file()
+    fresh = conv.build_model()
+    settings = conv.add_adapter(fresh, rank=16, alpha=32)
+    assert settings.scale == 2.0 and all(not t.any() for k, t in adapter_tensors(fresh).items() if "linear_out" in k)
