@@ -76,9 +76,6 @@ class AdapterPlan:
         mappings = tuple(m for t in self.targets for m in (t.a, t.b))
         return dataclasses.replace(self.base, mappings=mappings, sentinels=(), stacks=())
 
-    def by_module(self) -> dict[str, AdapterTarget]:
-        return {t.module: t for t in self.targets}
-
 
 def peft_key(hf_module: str, which: str) -> str:
     return f"{PEFT_PREFIX}{hf_module}.lora_{which}.weight"

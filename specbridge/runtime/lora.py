@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from ..compiler.adapters import A, B, TARGETS, AdapterPlan, mcore_key
+from ..compiler.adapters import TARGETS, AdapterPlan
 from ..errors import ConversionError, UsageError
 from .naming import local_to_global, named_tensors
 
@@ -49,6 +49,9 @@ class LoraSettings:
             raise UsageError(f"LoRA rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
             raise UsageError(f"LoRA alpha must be a finite number, got {self.alpha!r}")
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if unknown or not self.targets:
+            raise UsageError(f"LoRA targets must be some of {list(TARGETS)}, got {list(self.targets)}")
 
     @property
     def scale(self) -> float:
@@ -76,7 +79,7 @@ class LoraSettings:
             return cls(data["rank"], data["alpha"], tuple(data.get("targets") or TARGETS),
                        bool(data.get("use_rslora", False)), tuple(data.get("hf_targets") or ()), stacked,
                        data.get("peft_config"))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConversionError(f"the checkpoint's adapter metadata is malformed: {exc!r}") from None
 
 
@@ -170,9 +173,4 @@ def adapter_tensors(chunks, ep_rank: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def base_tensors(chunks, ep_rank: int = 0) -> set[str]:
-    """Global names of this rank's tensors that are not adapter weights."""
-    return {g for chunk in chunks for l, g in local_to_global(chunk, ep_rank).items() if ".adapter.linear_" not in l}
-
-
-__all__ = ["LoraSettings", "LoraAdapter", "apply_lora", "adapter_tensors", "mcore_key", "A", "B"]
+__all__ = ["LoraSettings", "LoraAdapter", "apply_lora", "adapter_tensors"]
