@@ -320,7 +320,8 @@ def peft_config(settings: LoraSettings, adapter: AdapterPlan, base_model: str | 
     `target_modules` name exactly the adapted HF linears (by last name when that names no other module of the HF
     model, e.g. a vision tower's, else by full name)."""
     if settings.peft_config is not None:
-        return {**settings.peft_config, "base_model_name_or_path": base_model}
+        return {**settings.peft_config,
+                "base_model_name_or_path": base_model or settings.peft_config.get("base_model_name_or_path")}
     modules = sorted({hf for t in _adapted(adapter, settings) for _, hf in _adapted_parts(t, settings)})
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": settings.rank, "lora_alpha": settings.alpha, "use_rslora": settings.use_rslora,

@@ -170,10 +170,10 @@ def test_megatron_adapter_to_peft_and_back(family, models, tmp_path, parallel):
     randomise(conv, chunks)
     ids, vocab = ids_for(conv)
     got = megatron_logits(chunks[0], ids)[..., :vocab]
-    conv.export_adapter(chunks, tmp_path / "peft", settings)
+    conv.export_adapter(chunks, tmp_path / "peft", settings, base_model=str(hf))
 
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] and config["r"] == RANK and config["lora_alpha"] == ALPHA
+    assert config["base_model_name_or_path"] == str(hf) and config["r"] == RANK and config["lora_alpha"] == ALPHA
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
