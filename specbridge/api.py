@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -21,11 +22,12 @@ from pathlib import Path
 import torch
 
 from . import compiler
-from .compiler import ir
+from .compiler import adapters, ir
 from .compiler.invert import invert_config
 from .errors import ConversionError, SpecError, UsageError
 from .inputs import builtin_specs, hf_config_file, spec_path
-from .runtime import collectives, dtypes, exporter, importer, manifests
+from .runtime import adapter_io, collectives, dtypes, exporter, importer, lora, manifests
+from .runtime.lora import LoraSettings
 from .runtime.parallel import Topology, current_topology
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
@@ -180,17 +182,19 @@ class Converter:
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
                        max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress=None, carry=(),
-                       inputs=()) -> Path:
+                       inputs=(), wrap_sink=None) -> Path:
         """Write an HF checkpoint (safetensors + config.json, and copies of the `carry` files), from all ranks at
         once when distributed: each writing rank writes its own shard files, rank 0 the index and config; all
         into one staging directory that becomes `out_dir` only when every rank succeeded. Tensors keep the
         model's dtype unless `dtype` is given (a config's `dtype` never changes them). `overwrite` replaces an
-        earlier output of specbridge, never the `inputs` (see `collectives.check_output`)."""
+        earlier output of specbridge, never the `inputs` (see `collectives.check_output`). `wrap_sink(writer)`
+        may wrap the shard writer (the adapter merge does)."""
         topology = current_topology()
         dtype = dtype or chunks[0].config.params_dtype
         with collectives.staged_output(out_dir, overwrite, inputs) as staging:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{topology.rank:05d}")
-            exporter.export_weights(chunks, self.expanded_plan(), writer, topology, hf_dtype=dtype,
+            sink = wrap_sink(writer) if wrap_sink is not None else writer
+            exporter.export_weights(chunks, self.expanded_plan(), sink, topology, hf_dtype=dtype,
                                     check_absent=check_absent, progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
             if topology.rank == 0:
@@ -200,6 +204,60 @@ class Converter:
                 for path in carry:
                     shutil.copyfile(path, staging / Path(path).name)
         return Path(out_dir)
+
+    # ------------------------------------------------------------ LoRA adapters (derived from the base plan)
+    @functools.cached_property
+    def adapter_plan(self) -> adapters.AdapterPlan:
+        spec = self.spec
+        return adapters.derive(self.plan, sources={spec.file: spec.source})
+
+    def add_adapter(self, chunks, rank: int, alpha: float | None = None, targets=adapters.TARGETS,
+                    use_rslora: bool = False, seed: int = 0) -> LoraSettings:
+        """Fresh LoRA adapters on `targets` (Megatron linear names): B zero, A random (the same on every rank)."""
+        settings = LoraSettings(rank, rank if alpha is None else alpha, tuple(targets), use_rslora)
+        return self.restore_adapter(chunks, settings, init_seed=seed)
+
+    def restore_adapter(self, chunks, settings: LoraSettings, init_seed: int | None = None) -> LoraSettings:
+        """The LoRA modules of `settings` on `chunks` (before a Megatron checkpoint holding them is loaded)."""
+        lora.apply_lora(chunks, self.adapter_plan, settings)
+        if init_seed is not None:
+            adapter_io.init_adapter(chunks, self.adapter_plan, settings, current_topology(), init_seed)
+        return settings
+
+    def import_adapter(self, chunks, peft_dir) -> LoraSettings:
+        """Add a PEFT LoRA adapter to `chunks` (base weights already imported): its settings."""
+        config, reader = adapter_io.read_peft(peft_dir)
+        settings = adapter_io.settings_from_peft(config, self.adapter_plan, reader)
+        self.restore_adapter(chunks, settings)
+        adapter_io.import_adapter(chunks, self.adapter_plan, settings, reader, current_topology())
+        return settings
+
+    def adapter_tensors(self, chunks, settings: LoraSettings, check_absent: bool = True) -> dict:
+        """The PEFT adapter tensors of `chunks` (on every rank)."""
+        return adapter_io.export_adapter(chunks, self.adapter_plan, settings, current_topology(), check_absent)
+
+    def export_adapter(self, chunks, out_dir, settings: LoraSettings, check_absent: bool = True,
+                       overwrite: bool = False, base_model: str | None = None) -> Path:
+        """Write the PEFT adapter (adapter_model.safetensors + adapter_config.json naming the base model)."""
+        tensors = self.adapter_tensors(chunks, settings, check_absent)
+        base = base_model or getattr(self.hf_config, "_name_or_path", None) or None
+        config = adapter_io.peft_config(settings, self.adapter_plan, base, self.hf_config)
+        return adapter_io.write_peft(out_dir, tensors, config, overwrite)
+
+    def export_merged(self, chunks, out_dir, settings: LoraSettings, check_absent: bool = True, **export) -> Path:
+        """Write a full HF checkpoint with the adapter merged: W + scale * (B @ A), in fp32, cast back; `export`
+        takes `export_weights`' other arguments (dtype, overwrite, progress, carry, inputs)."""
+        updates = adapter_io.deltas(self.adapter_tensors(chunks, settings, check_absent))
+        return self.export_weights(chunks, out_dir, check_absent=check_absent,
+                                   wrap_sink=lambda w: adapter_io.MergingSink(w, updates, settings.scale), **export)
+
+    def check_adapter(self, chunks, rank: int = 8) -> adapters.AdapterPlan:
+        """Prove the derived adapter plan against PEFT's adapter keys (meta device) and `chunks`' adapters."""
+        spec = self.spec
+        hf = adapter_io.hf_adapter_manifest(self.plan.architecture, self.hf_config, self.adapter_plan, rank)
+        mcore = adapter_io.mcore_adapter_manifest(chunks, self.plan.model)
+        adapters.prove(self.adapter_plan, hf, mcore, sources={spec.file: spec.source})
+        return self.adapter_plan
 
 
 def config_dtype(hf_config) -> torch.dtype | None:

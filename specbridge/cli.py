@@ -1,10 +1,11 @@
 """The `specbridge` command line.
 
-    specbridge check SPEC --config CONFIG            coverage proof against both manifests
+    specbridge check SPEC --config CONFIG [--lora]   coverage proof against both manifests (and of the LoRA plan)
     specbridge explain SPEC --config CONFIG NAME     how one tensor (either side) is derived
     specbridge compile SPEC -o bridge.py             standalone bridge module
-    specbridge import HF_DIR OUT                     HF checkpoint -> Megatron dist checkpoint
+    specbridge import HF_DIR OUT [--adapter PEFT]    HF checkpoint (+ PEFT LoRA adapter) -> Megatron dist checkpoint
     specbridge export MCORE_DIR OUT                  Megatron dist checkpoint -> HF checkpoint
+               [--adapter-only | --merge]            ... its LoRA adapter as a PEFT adapter / merged into the weights
     specbridge roundtrip HF_DIR                      HF -> Megatron -> HF, exit 0 only if bit-exact
     specbridge parity HF_DIR                         fp32 logits vs transformers
     specbridge demo                                  the main job on an embedded tiny model
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="prove coverage of SPEC for CONFIG")
     spec_flags(p, True)
+    p.add_argument("--lora", action="store_true", help="also prove the LoRA adapter plan derived from the spec")
     p = sub.add_parser("explain", help="how one tensor name (either side) is derived")
     spec_flags(p, True)
     p.add_argument("name")
@@ -79,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=dtype_choices, default=None,
                    help="parameter dtype (default: the checkpoint's; every tensor cast is reported)")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--adapter", default=None, metavar="PEFT_DIR",
+                   help="also convert this PEFT LoRA adapter (the Megatron checkpoint holds both)")
     p = sub.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint")
     p.add_argument("mcore_dir")
     p.add_argument("out")
@@ -91,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--absent", choices=("check", "drop"), default="check",
                    help="absent projections: assert they still follow their policy (default) or drop them")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--adapter-only", action="store_true",
+                   help="write the checkpoint's LoRA adapter as a PEFT adapter (adapter_model.safetensors)")
+    p.add_argument("--merge", action="store_true", help="write the HF checkpoint with the LoRA adapter merged")
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF; exit 0 only if bit-exact")
     p.add_argument("hf_dir")
     spec_flags(p, False)
@@ -233,14 +240,24 @@ def cmd_check(args) -> int:
     _say(f"  mcore: {len(mcore.tensors)} tensors, each produced exactly once or named by a sentinel")
     _say(f"  {len(plan.mappings)} mappings from {len({m.rule for m in plan.mappings})} rules, {tied} sentinels, "
          f"{sum(1 for m in plan.mappings if not m.exact)} inexact")
+    if args.lora:
+        chunks = conv.build_model()
+        conv.add_adapter(chunks, rank=8)
+        adapter = conv.check_adapter(chunks, rank=8)
+        _say(f"  LoRA: {len(adapter.targets)} adapted linears, {2 * len(adapter.targets)} adapter tensors on each side "
+             f"(PEFT lora_A/lora_B, Megatron adapter.linear_in/linear_out), derived from the base rules: proved")
     return 0
 
 
 def cmd_explain(args) -> int:
+    from .compiler import adapters
     from .compiler.explain import explain
 
     conv = _converter_from_args(args, args.config)
-    print(explain(conv.plan, args.name, conv.spec.source))
+    if ".lora_A." in args.name or ".lora_B." in args.name or ".adapter.linear_" in args.name:
+        print(adapters.explain(conv.adapter_plan, args.name, conv.spec.source))
+    else:
+        print(explain(conv.plan, args.name, conv.spec.source))
     return 0
 
 
@@ -270,17 +287,21 @@ def cmd_import(args) -> int:
     update, close = _progress(len(conv.plan.mappings), "import")
     conv.import_weights(chunks, args.hf_dir, progress=update, cast=args.dtype is not None)
     close()
+    settings = conv.import_adapter(chunks, args.adapter) if args.adapter else None
     builtin = conv.spec_path.resolve() in {p.resolve() for p in builtin_specs().values()}
     metadata = mcore_checkpoint.conversion_metadata(conv.plan, conv.spec_path.stem if builtin else conv.plan.spec,
                                                     builtin, conv.source_config, params_dtype, topology)
     metadata["padded_vocab_size"] = chunks[0].vocab_size  # a later load at another TP builds the same rows
     model_kwargs = {**conv.plan.model_kwargs(), "vocab_size": chunks[0].vocab_size}  # Megatron's padded_vocab_size
+    if settings is not None:
+        metadata["adapter"] = {**settings.to_json(), "base_model": str(args.hf_dir)}
     mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite, spec_text=conv.spec_path.read_text(),
                           hf_dir=args.hf_dir, model_kwargs=model_kwargs)
     if casts:
         _say(f"import: {dtypes.summary(casts)}")
+    with_adapter = f", with the LoRA adapter {args.adapter}" if args.adapter else ""
     _say(f"import: {args.hf_dir} -> {args.out} (Megatron checkpoint, {dtypes.short(params_dtype)}, "
-         f"{len(conv.plan.mappings)} tensors)")
+         f"{len(conv.plan.mappings)} tensors{with_adapter})")
     return 0
 
 
@@ -288,8 +309,12 @@ def cmd_export(args) -> int:
     import dataclasses
 
     from .api import Converter, hf_config_from_dict
+    from .errors import UsageError
     from .runtime import collectives, dtypes, mcore_checkpoint
+    from .runtime.lora import LoraSettings
 
+    if args.adapter_only and args.merge:
+        raise UsageError("--adapter-only and --merge exclude each other")
     collectives.check_output(args.out, args.overwrite, inputs=[args.mcore_dir])  # before any work
     wanted = dtypes.parse_choice(args.dtype)
     _init(args)
@@ -301,15 +326,28 @@ def cmd_export(args) -> int:
     params_dtype = dtypes.CHOICES.get(meta.get("dtype")) or mcore_checkpoint.tensor_dtype(args.mcore_dir)
     chunks = conv.build_model(params_dtype=params_dtype, padded_vocab=meta.get("padded_vocab_size",
                                                                                conv.plan.model_kwargs().get("vocab_size")))
+    adapter = meta.get("adapter")
+    if (args.adapter_only or args.merge) and not adapter:
+        raise UsageError(f"the Megatron checkpoint '{args.mcore_dir}' holds no LoRA adapter")
+    settings = conv.restore_adapter(chunks, LoraSettings.from_json(adapter)) if adapter else None
     mcore_checkpoint.load(chunks, args.mcore_dir)
+    check_absent = args.absent == "check"
+    if args.adapter_only:
+        conv.export_adapter(chunks, args.out, settings, check_absent, args.overwrite, adapter.get("base_model"))
+        _say(f"export: {args.mcore_dir} -> {args.out} (PEFT LoRA adapter)")
+        return 0
     update, close = _progress(len(conv.plan.mappings), "export")
-    conv.export_weights(chunks, args.out, dtype=wanted, check_absent=args.absent == "check", overwrite=args.overwrite,
-                        progress=update, carry=mcore_checkpoint.carried_files(args.mcore_dir, meta),
-                        inputs=[args.mcore_dir])
+    export = dict(dtype=wanted, check_absent=check_absent, overwrite=args.overwrite, progress=update,
+                  carry=mcore_checkpoint.carried_files(args.mcore_dir, meta), inputs=[args.mcore_dir])
+    if args.merge:
+        conv.export_merged(chunks, args.out, settings, **export)
+    else:
+        conv.export_weights(chunks, args.out, **export)
     close()
     if wanted is not None and wanted != chunks[0].config.params_dtype:
         _say(f"export: cast every tensor {dtypes.short(chunks[0].config.params_dtype)} -> {dtypes.short(wanted)}")
-    _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}')")
+    merged = " with the LoRA adapter merged" if args.merge else ""
+    _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}'{merged})")
     return 0
 
 
