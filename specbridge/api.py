@@ -114,7 +114,7 @@ class Converter:
     def check(self, chunks=None) -> ir.Plan:
         """Prove coverage, uniqueness and shapes against both manifests (a `SpecError` otherwise)."""
         spec = self.spec
-        return compiler.check(self.plan, *self.manifests(chunks), sources={spec.file: spec.source})
+        return compiler.check(self.plan, *self.manifests(chunks), sources=spec.texts)
 
     # ------------------------------------------------------------ models and weights
     def build_model(self, params_dtype=None, extra_transformer: dict | None = None) -> list:

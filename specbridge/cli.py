@@ -159,7 +159,7 @@ def cmd_explain(args) -> int:
     from .compiler.explain import explain
 
     conv = _converter_from_args(args, args.config)
-    print(explain(conv.plan, args.name, conv.spec.source))
+    print(explain(conv.plan, args.name, conv.spec.texts))
     return 0
 
 

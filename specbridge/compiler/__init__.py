@@ -44,7 +44,7 @@ def compile_plan(spec, hf_config, architecture: str | None = None, fmt: str | No
     key = type(hf_config).__qualname__ + json.dumps(_config_dict(hf_config), sort_keys=True, default=str)
     plan = _compiled(spec, key, architecture, fmt, _Opaque(hf_config))
     if manifests is not None:
-        check(plan, *manifests, sources={spec.file: spec.source})
+        check(plan, *manifests, sources=spec.texts)
     return plan
 
 
@@ -76,7 +76,7 @@ def check_requirements(spec, hf_config, architecture: str | None = None) -> None
     from .evaluate import EvalError, Scope, evaluate
     from .resolve import select_architecture, text_config
 
-    sink = DiagnosticSink({spec.file: spec.source})
+    sink = DiagnosticSink(spec.texts)
     scope = Scope(text_config(hf_config, select_architecture(spec, hf_config, architecture)),
                   {s.name: s for s in spec.symbols})
     for requirement in spec.requires:

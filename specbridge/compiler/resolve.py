@@ -43,7 +43,7 @@ def text_config(hf_config, arch: ast.Architecture):
 
 
 def resolve(spec: ast.Spec, hf_config, architecture: str | None = None, fmt: str | None = None) -> ir.Plan:
-    sink = DiagnosticSink({spec.file: spec.source})
+    sink = DiagnosticSink(spec.texts)
     arch = select_architecture(spec, hf_config, architecture)
     fmt = fmt or spec.formats[0]
     if fmt not in spec.formats:
@@ -61,7 +61,7 @@ def resolve(spec: ast.Spec, hf_config, architecture: str | None = None, fmt: str
             (sentinels if isinstance(item, ir.Sentinel) else mappings).append(item)
     sink.raise_if_any()
     stacks = ir.stacks_of(mappings)
-    return ir.Plan(spec.name, spec.file, digest(spec.source), arch.name, arch.prefix, fmt, spec.model,
+    return ir.Plan(spec.name, spec.file, digest(spec.merged_source), arch.name, arch.prefix, fmt, spec.model,
                    tuple(config), tuple(mappings), tuple(sentinels), len(domains[LAYER]), len(domains[EXPERT]),
                    stacks)
 

@@ -41,7 +41,7 @@ def _used(pattern: ast.Pattern) -> set[str]:
 
 
 def validate(spec: ast.Spec) -> ast.Spec:
-    sink = DiagnosticSink({spec.file: spec.source})
+    sink = DiagnosticSink(spec.texts)
     _check_symbols(spec, sink)
     for rule in spec.rules:
         _check_captures(rule, sink)
