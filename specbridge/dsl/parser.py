@@ -9,9 +9,10 @@ Only syntax and structure are checked here; meaning (names, captures, coverage) 
 read first, then the file's own declarations are laid over it:
 
 - `spec`, `doc`: the file's own, never inherited;
-- `hf.architectures`, `hf.formats`, `mcore.model`, `requires`: the file's value, when it has one, replaces the base's;
+- `hf.architectures`, `hf.formats`, `mcore.model`: the file's value, when it has one, replaces the base's;
 - `mcore.transformer`, `mcore.model_args`, `symbols`: merged by name; the file's entry replaces the base's entry of
   the same name in place, new names follow the base's;
+- `requires`: the base's requirements, then the file's (extending a spec can only narrow the configs it accepts);
 - `rules`: the base's rules, then the file's (renumbered in that order).
 
 Every node keeps the span of the file it was written in, so diagnostics point at the file and line of each rule;
@@ -148,7 +149,7 @@ def _merge(base: _Declared, own: _Declared) -> _Declared:
         transformer=_by_name(base.transformer, own.transformer, field_name),
         model_args=_by_name(base.model_args, own.model_args, field_name),
         symbols=_by_name(base.symbols, own.symbols, lambda s: s.name),
-        requires=pick("requires"),
+        requires=(base.requires or ()) + (own.requires or ()),
         rules=(base.rules or ()) + (own.rules or ()) if base.rules is not None or own.rules is not None else None,
         sources=base.sources + own.sources,
         hf_span=own.hf_span if own.hf_span is not None else base.hf_span,

@@ -213,7 +213,8 @@ def test_features_spec(tmp_path):
 
 
 def test_unsupported_config_is_refused_by_both(tmp_path, at_root):
-    """A config outside the spec's `requires:` (Llama 3 RoPE scaling) is refused, never converted wrongly."""
+    """A config outside the spec's `requires:` (Llama 3 RoPE scaling from an original context other than the 8192
+    megatron-core fixes) is refused, never converted wrongly."""
     path = spec_path("llama")
     config = tiny_model("llama").config
     config.rope_parameters = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
@@ -221,5 +222,5 @@ def test_unsupported_config_is_refused_by_both(tmp_path, at_root):
     with pytest.raises(SpecError, match=r"llama.yaml:\d+:\d+: error: this HF config is not supported"):
         compile_plan(load(path), config)
     module = load_bridge(emit_module(load(path)), tmp_path)
-    with pytest.raises(ValueError, match="not supported by the spec: rope_parameters.rope_type"):
+    with pytest.raises(ValueError, match="not supported by the spec: not llama3 or rope_parameters.original_max"):
         module.plan(config)

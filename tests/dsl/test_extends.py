@@ -80,11 +80,15 @@ def test_merge_semantics(tmp_path):
         "decoder.final_layernorm.weight", "decoder.layers.2.mlp.linear_fc2.weight", "embedding.word_embeddings.weight"]
 
 
-def test_child_requires_replace_the_base(tmp_path):
-    write(tmp_path, base=BASE, child=CHILD + "requires:\n  - 'hidden_size > 100'\n")
+def test_requirements_add_up(tmp_path):
+    write(tmp_path, base=BASE, child=CHILD + "requires:\n  - 'num_hidden_layers < 3'\n")
     spec = validate(load_spec(tmp_path / "child.yaml"))
-    with pytest.raises(SpecError, match="not supported"):
-        compile_plan(spec, {"num_hidden_layers": 3, "hidden_size": 8})
+    assert [Path(r.span.file).name for r in spec.requires] == ["base.yaml", "child.yaml"]
+    compile_plan(spec, {"num_hidden_layers": 2, "hidden_size": 8})
+    for config, line in (({"num_hidden_layers": 3, "hidden_size": 8}, 16), ({"num_hidden_layers": 2, "hidden_size": 0}, 12)):
+        with pytest.raises(SpecError, match="not supported") as info:
+            compile_plan(spec, config)
+        assert [d.span.line for d in info.value.diagnostics] == [line]
 
 
 def test_diagnostics_point_at_the_file_that_wrote_the_rule(tmp_path):

@@ -41,6 +41,9 @@ CASES = {
     "gemma4_ep2": ("gemma4_moe", 2, ["--ep", "2"], 5),
     "gemma4_pp2_uneven": ("gemma4_dense", 2, ["--pp", "2", "--first-stage-layers", "2"], 5),
     "gemma4_tp2": ("gemma4_dense", 2, ["--tp", "2"], 5),  # full layers: 1 KV group < TP
+    "qwen2_tp2": ("qwen2", 2, ["--tp", "2"], 3),            # QKV biases split by query group
+    "mistral_tp2": ("mistral", 2, ["--tp", "2"], 3),
+    "mixtral_ep2": ("mixtral", 2, ["--ep", "2"], 3),
 }
 # Layers whose query groups are fewer than TP ranks are split evenly through the group (megatron-core's rule), so
 # those ranks read their group's whole Q/K parts; everywhere else a rank reads exactly the bytes it holds.
