@@ -23,7 +23,7 @@ from ..dsl.expressions import parse as parse_text
 from ..dsl.printer import to_text
 from ..dsl.yaml_source import Located
 from . import ir
-from .evaluate import BUILTINS
+from .evaluate import FUNCTIONS
 from .resolve import EXPERT, LAYER, digest
 from .validate import captures_of
 
@@ -33,7 +33,7 @@ IMPORTS = ("BRACKET", "AddConst", "Cast", "ConfigEntry", "FillAbsent", "Fuse", "
            "ScaleBy", "Sentinel", "Shard", "Source", "Span", "field", "invert", "order", "pattern_key",
            "run_export", "run_import", "select_architecture", "size", "stacks_of", "text_config")
 # names the generated code uses itself: a capture, binding or parameter spelled like one gets a trailing "_"
-RESERVED = {*IMPORTS, *BUILTINS, "cfg", "prefix", "layers", "experts", "layout", "program", "absent", "torch",
+RESERVED = {*IMPORTS, *FUNCTIONS, "cfg", "prefix", "layers", "experts", "layout", "program", "absent", "torch",
             "functools", "range", "tuple", "isinstance", "any", "FILE", "SPEC", "DIGEST", "MODEL", "ARCHITECTURES",
             "FORMATS", "RULES"}
 
@@ -156,7 +156,7 @@ class _Expr:
                 self.emitter.needs_functools = True
                 return f"functools.partial(sym_{name}, cfg)"
             return f"sym_{name}(cfg)"
-        if name in BUILTINS:
+        if name in FUNCTIONS:
             return name
         return f"field(cfg, {_q(name)})"
 
