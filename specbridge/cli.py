@@ -24,8 +24,8 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-DEMO_FAMILIES = ("llama", "llama_tied", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_unnormed", "qwen2", "mistral",
-                 "mixtral", "gemma4_moe", "gemma4_dense")  # specbridge.demo.FAMILIES (tests/test_cli.py keeps the two equal)
+DEMO_FAMILIES = ("llama", "llama_tied", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_unnormed", "qwen3_moe_mixed",
+                 "qwen2", "mistral", "mixtral", "gemma4_moe", "gemma4_dense")  # specbridge.demo.FAMILIES (tests/test_cli.py keeps the two equal)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ CASES = {
     "qwen2_tp2": ("qwen2", 2, ["--tp", "2"], 3),            # QKV biases split by query group
     "mistral_tp2": ("mistral", 2, ["--tp", "2"], 3),
     "mixtral_ep2": ("mixtral", 2, ["--ep", "2"], 3),
+    "qwen3_moe_mixed_ep2": ("qwen3_moe_mixed", 2, ["--ep", "2"], 4),  # dense layers between MoE layers
 }
 # Layers whose query groups are fewer than TP ranks are split evenly through the group (megatron-core's rule), so
 # those ranks read their group's whole Q/K parts; everywhere else a rank reads exactly the bytes it holds.
