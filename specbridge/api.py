@@ -21,6 +21,7 @@ import torch
 
 from . import compiler
 from .compiler import ir
+from .compiler.invert import invert_config
 from .errors import ConversionError, SpecError, UsageError
 from .runtime import collectives, exporter, importer, manifests
 from .runtime.placement import Ranks
@@ -168,25 +169,9 @@ def detect_format(conv: Converter, keys: set[str]) -> str:
 
 def hf_config_from_mcore(conv: Converter, transformer_config) -> dict:
     """The HF config dict for export: the source config with every invertible field written back from the
-    Megatron model's own config (the config mapping run backwards)."""
-    full = conv.hf_config.to_dict()
+    Megatron model's own config (`compiler.invert.invert_config`: the config mapping run backwards)."""
     arch = next(a for a in conv.spec.architectures if a.name == conv.plan.architecture)
-    target = full[arch.config] if arch.config and isinstance(full.get(arch.config), dict) else full
-    for entry in conv.plan.config:
-        if entry.hf_path is None or entry.section != "transformer":
-            continue
-        value = getattr(transformer_config, entry.field, entry.value)
-        if isinstance(entry.value, (bool, int, float, str)) and not callable(value):
-            _set_path(target, entry.hf_path, value)
-    full["architectures"] = [conv.plan.architecture]
-    return full
-
-
-def _set_path(target: dict, path: str, value) -> None:
-    *heads, last = path.split(".")
-    for head in heads:
-        target = target.setdefault(head, {})
-    target[last] = value
+    return invert_config(conv.plan, conv.hf_config.to_dict(), arch.config, transformer_config)
 
 
 def write_hf_config(conv: Converter, chunks, directory: Path, dtype) -> None:

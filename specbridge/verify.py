@@ -37,9 +37,19 @@ def compare_checkpoints(original: str | Path, exported: str | Path, ignore: set[
     """Every tensor of `original` must come back in `exported` with identical dtype, shape and bits."""
     a, b = CheckpointReader(original), CheckpointReader(exported)
     keys_a, keys_b = a.keys() - ignore, b.keys() - ignore
-    mismatched = tuple(sorted(k for k in keys_a & keys_b if not torch.equal(a.get(k), b.get(k))
-                              or a.dtype(k) != b.dtype(k)))
+    mismatched = tuple(sorted(k for k in keys_a & keys_b if a.dtype(k) != b.dtype(k)
+                              or not _same_bits(a.get(k), b.get(k))))
     return RoundTrip(len(keys_a & keys_b), mismatched, tuple(sorted(keys_a - keys_b)), tuple(sorted(keys_b - keys_a)))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes and bit patterns (so a NaN equals the same NaN, and -0.0 differs from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.is_floating_point and a.dtype.itemsize in (2, 4, 8):
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.dtype.itemsize]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
 
 
 def roundtrip(hf_dir: str | Path, out_dir: str | Path | None = None, spec=None, progress=None) -> RoundTrip:

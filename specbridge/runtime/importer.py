@@ -17,10 +17,11 @@ import torch
 
 from ..compiler import ir
 from ..compiler.layouts import dim_of_axis, infer_sizes
+from ..compiler.ops import row as op_row
 from .collectives import agree
 from .naming import TIED_OUTPUT
 from ..errors import ConversionError
-from .ops import below_tp, run_import, tp_slice
+from .ops import below_tp, cast, run_import, tp_slice
 from .placement import Ranks, local_tensors
 
 
@@ -128,7 +129,7 @@ def _fill(target: torch.Tensor, mapping: ir.Mapping, reader, ranks: Ranks) -> No
     if tuple(local.shape) != tuple(target.shape):
         raise ConversionError(f"shape mismatch: the spec gives {list(local.shape)} for this rank, the Megatron "
                               f"tensor is {list(target.shape)}", key=mapping.mcore, rule=mapping.span, rank=ranks.rank)
-    target.copy_(local)
+    target.copy_(cast(local, target.dtype))  # a dtype change keeps NaN payloads
 
 
 def _build_local(mapping: ir.Mapping, reader, rank: int, size: int, target_shape) -> torch.Tensor:
@@ -171,7 +172,7 @@ def reader_dtype(reader, key: str) -> torch.dtype:
 
 def _row_shardable(mapping: ir.Mapping, size: int) -> bool:
     """The sharded axis lies in dim 0 of every part, and no op needs the whole tensor."""
-    if any(isinstance(op, ir.ScaleBy) for op in mapping.hf_to_mcore):
+    if any(op_row(op).sharding == "whole" for op in mapping.hf_to_mcore):
         return False
     if mapping.layout is None:
         return mapping.shard.dim == 0
