@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import ast
-from .diagnostics import Diagnostic, DiagnosticSink
+from .diagnostics import Diagnostic, DiagnosticSink, Span
 from .expressions import parse as parse_text
 from .yaml_source import Located, load_yaml
 
@@ -74,8 +74,8 @@ class _Declared:
     requires: tuple | None = None
     rules: tuple | None = None
     sources: tuple[tuple[str, str], ...] = ()
-    hf_span: object = None       # where to report 'hf is missing ...' (None: the file has no hf section)
-    mcore_span: object = None
+    hf_span: Span | None = None      # where to report 'hf is missing ...' (None: no file has an hf section)
+    mcore_span: Span | None = None
     base_missing: bool = False   # `extends` named no usable base: what is missing is not worth reporting
 
 
@@ -85,14 +85,22 @@ def _declarations(root: Located, file: str, text: str, sink: DiagnosticSink, cha
     own = dataclasses.replace(own, sources=((file, text),))
     if extends is None:
         return own
-    base_file = _base_file(reader, extends, chain + (Path(file).resolve(),))
-    if base_file is None:
+    chain += (Path(file).resolve(),)
+    base_file = _base_file(reader, extends, chain)
+    base_text = _read(base_file, extends, sink) if base_file is not None else None
+    if base_text is None:
         return dataclasses.replace(own, base_missing=True)
-    base_text = base_file.read_text()
     sink.sources[str(base_file)] = base_text
-    base = _declarations(load_yaml(base_text, str(base_file)), str(base_file), base_text, sink,
-                         chain + (Path(file).resolve(),))
+    base = _declarations(load_yaml(base_text, str(base_file)), str(base_file), base_text, sink, chain)
     return _merge(base, own)
+
+
+def _read(path: Path, node: Located, sink: DiagnosticSink) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        sink.error(node.span, f"'extends': cannot read '{path}': {exc}")
+        return None
 
 
 def _base_file(reader: "_SpecReader", node: Located, chain: tuple[Path, ...]) -> Path | None:
@@ -150,7 +158,7 @@ def _merge(base: _Declared, own: _Declared) -> _Declared:
         model_args=_by_name(base.model_args, own.model_args, field_name),
         symbols=_by_name(base.symbols, own.symbols, lambda s: s.name),
         requires=(base.requires or ()) + (own.requires or ()),
-        rules=(base.rules or ()) + (own.rules or ()) if base.rules is not None or own.rules is not None else None,
+        rules=None if base.rules is None and own.rules is None else (base.rules or ()) + (own.rules or ()),
         sources=base.sources + own.sources,
         hf_span=own.hf_span if own.hf_span is not None else base.hf_span,
         mcore_span=own.mcore_span if own.mcore_span is not None else base.mcore_span,
@@ -165,10 +173,14 @@ def _complete(declared: _Declared, root: Located, sink: DiagnosticSink) -> ast.S
 
     if declared.name is None:
         missing(root.span, "spec", "spec")
-    if declared.architectures is None:
-        missing(root.span, "spec", "hf") if declared.hf_span is None else missing(declared.hf_span, "hf", "architectures")
-    if declared.model is None:
-        missing(root.span, "spec", "mcore") if declared.mcore_span is None else missing(declared.mcore_span, "mcore", "model")
+    if declared.architectures is None and declared.hf_span is None:
+        missing(root.span, "spec", "hf")
+    elif declared.architectures is None:
+        missing(declared.hf_span, "hf", "architectures")
+    if declared.model is None and declared.mcore_span is None:
+        missing(root.span, "spec", "mcore")
+    elif declared.model is None:
+        missing(declared.mcore_span, "mcore", "model")
     if declared.rules is None:
         missing(root.span, "spec", "rules")
     rules = tuple(dataclasses.replace(r, index=i) for i, r in enumerate(declared.rules or ()))

@@ -150,3 +150,10 @@ def test_a_partial_base_is_completed_by_the_child(tmp_path):
     assert len(spec.rules) == 3
     with pytest.raises(SpecError, match="spec is missing 'hf'"):
         load_spec(tmp_path / "parts.yaml")
+
+
+def test_an_unreadable_base_is_a_spec_error(tmp_path):
+    (tmp_path / "base.yaml").write_bytes(b"spec: \xff\xfe\n")
+    write(tmp_path, child=CHILD)
+    with pytest.raises(SpecError, match="'extends': cannot read"):
+        load_spec(tmp_path / "child.yaml")
