@@ -56,20 +56,28 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="emit a standalone bridge module")
     p.add_argument("spec")
     p.add_argument("-o", "--output", required=True)
+    overwrite_help = "replace OUT if it holds an earlier output of specbridge (and nothing else)"
+    dtype_choices = ("float32", "bfloat16", "float16")
     p = sub.add_parser("import", help="HF checkpoint -> Megatron distributed checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out")
     spec_flags(p, False)
     parallel_flags(p)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", choices=dtype_choices, default=None,
+                   help="parameter dtype (default: the checkpoint's; every tensor cast is reported)")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p = sub.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint")
     p.add_argument("mcore_dir")
     p.add_argument("out")
     parallel_flags(p)
+    p.add_argument("--spec", default=None, help="the spec the checkpoint was written with (default: the recorded "
+                   "one; its content digest must match the checkpoint's record)")
     p.add_argument("--format", default=None, help="HF on-disk format to write (default: the one imported)")
+    p.add_argument("--dtype", choices=dtype_choices, default=None,
+                   help="HF tensor dtype (default: the Megatron checkpoint's)")
     p.add_argument("--absent", choices=("check", "drop"), default="check",
                    help="absent projections: assert they still follow their policy (default) or drop them")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF; exit 0 only if bit-exact")
     p.add_argument("hf_dir")
     spec_flags(p, False)
@@ -143,7 +151,12 @@ def _converter_from_args(args, config_source):
 
 def cmd_check(args) -> int:
     _init(args)
-    conv = _converter_from_args(args, args.config)
+    if args.format is None and Path(args.config).is_dir():  # a checkpoint: its on-disk format, as import detects it
+        from .api import Converter
+
+        conv = Converter.from_pretrained(args.config, args.spec, args.architecture)
+    else:
+        conv = _converter_from_args(args, args.config)
     plan = conv.check()
     hf, mcore = conv.manifests()
     tied = sum(1 for s in plan.sentinels)
@@ -175,40 +188,56 @@ def cmd_compile(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .api import Converter
-    from .runtime import mcore_checkpoint
+    from .api import Converter, builtin_specs
+    from .runtime import collectives, dtypes, mcore_checkpoint
+    from .runtime.safetensors_io import CheckpointReader
 
+    collectives.check_output(args.out, args.overwrite, inputs=[args.hf_dir])  # before any work
     topology = _init(args)
     conv = Converter.from_pretrained(args.hf_dir, args.spec, args.architecture, args.format)
-    chunks = conv.build_model()
+    reader = CheckpointReader(args.hf_dir)
+    params_dtype = dtypes.parse_choice(args.dtype) or dtypes.checkpoint_dtype(reader)
+    casts = dtypes.import_casts(conv.plan, reader, params_dtype)
+    chunks = conv.build_model(params_dtype=params_dtype)
     update, close = _progress(len(conv.plan.mappings), "import")
-    conv.import_weights(chunks, args.hf_dir, progress=update)
+    conv.import_weights(chunks, args.hf_dir, progress=update, cast=args.dtype is not None)
     close()
-    metadata = {"spec": str(conv.spec_path), "spec_name": conv.plan.spec, "digest": conv.plan.digest,
-                "architecture": conv.plan.architecture, "format": conv.plan.format,
-                "hf_config": conv.hf_config.to_dict(),
-                "written_with": {"tp": topology.tp_size, "pp": topology.pp_size, "ep": topology.ep_size}}
-    mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite)
-    _say(f"import: {args.hf_dir} -> {args.out} (megatron-core dist checkpoint, {len(conv.plan.mappings)} tensors)")
+    builtin = conv.spec_path.resolve() in {p.resolve() for p in builtin_specs().values()}
+    metadata = mcore_checkpoint.conversion_metadata(conv.plan, conv.spec_path.stem if builtin else conv.plan.spec,
+                                                    builtin, conv.source_config, params_dtype, topology)
+    mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite, spec_text=conv.spec_path.read_text(),
+                          hf_dir=args.hf_dir, model_kwargs=conv.plan.model_kwargs())
+    if casts:
+        _say(f"import: {dtypes.summary(casts)}")
+    _say(f"import: {args.hf_dir} -> {args.out} (Megatron checkpoint, {dtypes.short(params_dtype)}, "
+         f"{len(conv.plan.mappings)} tensors)")
     return 0
 
 
 def cmd_export(args) -> int:
-    from transformers import AutoConfig
+    import dataclasses
 
-    from .api import Converter
-    from .runtime import mcore_checkpoint
+    from .api import Converter, hf_config_from_dict
+    from .runtime import collectives, dtypes, mcore_checkpoint
 
+    collectives.check_output(args.out, args.overwrite, inputs=[args.mcore_dir])  # before any work
+    wanted = dtypes.parse_choice(args.dtype)
     _init(args)
     meta = mcore_checkpoint.read_metadata(args.mcore_dir)
-    hf_config = AutoConfig.for_model(**meta["hf_config"])
-    conv = Converter.from_config(hf_config, meta["spec"], meta["architecture"], args.format or meta["format"])
-    chunks = conv.build_model()
+    spec = mcore_checkpoint.recorded_spec(args.mcore_dir, meta, args.spec)
+    conv = Converter.from_config(hf_config_from_dict(meta["hf_config"]), spec, meta["architecture"],
+                                 args.format or meta["format"])
+    conv = dataclasses.replace(conv, source_config=meta["hf_config"])
+    params_dtype = dtypes.CHOICES.get(meta.get("dtype")) or mcore_checkpoint.tensor_dtype(args.mcore_dir)
+    chunks = conv.build_model(params_dtype=params_dtype)
     mcore_checkpoint.load(chunks, args.mcore_dir)
     update, close = _progress(len(conv.plan.mappings), "export")
-    conv.export_weights(chunks, args.out, check_absent=args.absent == "check", overwrite=args.overwrite,
-                        progress=update)
+    conv.export_weights(chunks, args.out, dtype=wanted, check_absent=args.absent == "check", overwrite=args.overwrite,
+                        progress=update, carry=mcore_checkpoint.carried_files(args.mcore_dir, meta),
+                        inputs=[args.mcore_dir])
     close()
+    if wanted is not None and wanted != chunks[0].config.params_dtype:
+        _say(f"export: cast every tensor {dtypes.short(chunks[0].config.params_dtype)} -> {dtypes.short(wanted)}")
     _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}')")
     return 0
 

@@ -74,8 +74,9 @@ def roundtrip(hf_dir: str | Path, out_dir: str | Path | None = None, spec=None, 
 
 
 def _storage_dtype(conv: Converter) -> torch.dtype:
-    """The dtype the checkpoint's config declares (a Megatron model in it round-trips exactly); fp32 if none."""
-    return config_dtype(conv.hf_config) or torch.float32
+    """The dtype of the checkpoint's tensors (a Megatron model in it round-trips exactly), else the one its config
+    declares; fp32 if none."""
+    return conv.source_dtype or config_dtype(conv.hf_config) or torch.float32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,8 +39,10 @@ def _parsed(text: str, file: str):
 
 def load(path: str | Path):
     """Parse and validate a spec file (cached on its text)."""
+    from ..dsl.parser import read_spec_text
+
     path = Path(path)
-    return _parsed(path.read_text(), str(path))
+    return _parsed(read_spec_text(path), str(path))
 
 
 def compile_plan(spec, hf_config, architecture: str | None = None, fmt: str | None = None,

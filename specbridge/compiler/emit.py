@@ -4,7 +4,8 @@ In: a validated `ast.Spec`, lowered by `lower` (the same templates the interpret
 Python source (`specbridge compile SPEC -o FILE`) that prints those templates as data: every config-dependent
 `Value` becomes a small function of the config and the captures it reads, symbols become functions
 `sym_<name>(cfg, *params)`, the spec language's functions are called through `fn` (the implementations of
-`compiler.evaluate.FUNCTIONS`) and config fields read with `field` (the evaluator's accessor). Its `plan()`
+`compiler.evaluate.FUNCTIONS`), config fields read with `field` (the evaluator's accessor), arithmetic, negation
+and indexing done by the evaluator's bounded `apply`, `negate` and `subscript`. Its `plan()`
 runs the compiler's own `resolve`, `invert` and `order` on them, so it equals `compile_plan` by construction,
 and raises the same `specbridge.errors` types. The module imports only `specbridge.runtime.bridge` (which loads
 no parser and no YAML reader) and, for symbols passed as values, `functools`; it embeds no absolute path.
@@ -31,8 +32,8 @@ WIDTH = 119
 INDENT = "    "
 IMPORTS = ("BRACKET", "EXPERT", "LAYER", "Absent", "Architecture", "ConfigTemplate", "Key", "LayoutTemplate",
            "MappingProduct", "OpCall", "Part", "Plan", "Requirement", "Rule", "SentinelProduct", "Shard", "Span",
-           "SubtreeProduct", "Templates", "Value", "field", "fn", "hf_to_mcore", "invert", "mcore_to_hf", "order",
-           "resolve")
+           "SubtreeProduct", "Templates", "Value", "apply", "expand_subtrees", "field", "fn", "hf_to_mcore", "invert",
+           "mcore_to_hf", "negate", "order", "resolve", "subscript")
 # names the generated code uses itself: a capture, binding or parameter spelled like one gets a trailing "_"
 RESERVED = {*IMPORTS, "cfg", "functools", "FILE", "TEMPLATES", "plan"}
 
@@ -116,6 +117,7 @@ def _literal(value) -> str:
 _PREC = {"or": 2, "and": 3, "==": 5, "!=": 5, "<": 5, "<=": 5, ">": 5, ">=": 5, "in": 5, "+": 7, "-": 7, "*": 8,
          "/": 8, "//": 8, "%": 8, "**": 10}
 _IFELSE, _NOT, _NEG, _ATOM = 1, 4, 9, 11
+_BOUNDED = {"+", "-", "*", "/", "//", "%", "**", "in"}  # through the evaluator's bounded operators (`apply`)
 
 
 class _Expr:
@@ -144,8 +146,8 @@ class _Expr:
                 return self.name(name, env), _ATOM
             case ast.ListExpr(items=items):
                 return "[" + ", ".join(self(i, env) for i in items) + "]", _ATOM
-            case ast.BinOp(op="**", left=left, right=right):
-                return f"{self.wrap(left, env, _ATOM)} ** {self.wrap(right, env, _NEG)}", _PREC["**"]
+            case ast.BinOp(op=op, left=left, right=right) if op in _BOUNDED:
+                return f"apply({_q(op)}, {self(left, env)}, {self(right, env)})", _ATOM
             case ast.BinOp(op=op, left=left, right=right):
                 prec = _PREC[op]
                 left_min = prec + 1 if prec == 5 else prec
@@ -153,15 +155,14 @@ class _Expr:
             case ast.UnaryOp(op="not", operand=operand):
                 return f"not {self.wrap(operand, env, _NOT)}", _NOT
             case ast.UnaryOp(op="-", operand=operand):
-                text, prec = self.code(operand, env)
-                return (f"-{text}" if prec > _NEG or prec == _NEG and not text.startswith("-") else f"-({text})"), _NEG
+                return f"negate({self(operand, env)})", _ATOM
             case ast.IfElse(cond=cond, then=then, other=other):
                 return (f"{self.wrap(then, env, _IFELSE + 1)} if {self.wrap(cond, env, _IFELSE + 1)} "
                         f"else {self.wrap(other, env, _IFELSE)}"), _IFELSE
             case ast.CallExpr(func=func, args=args):
                 return self.call(func, args, env), _ATOM
             case ast.Subscript(value=value, index=index):
-                return f"{self.wrap(value, env, _ATOM)}[{self(index, env)}]", _ATOM
+                return f"subscript({self(value, env)}, {self(index, env)})", _ATOM
             case ast.Attribute(value=value, attr=attr):
                 return f"field({self(value, env)}, {_q(attr)})", _ATOM
         raise TypeError(f"cannot emit {type(node).__name__}")
@@ -329,4 +330,4 @@ def plan(hf_config, architecture: str | None = None, fmt: str | None = None) -> 
     return order(invert(resolve(TEMPLATES, hf_config, architecture, fmt)))
 
 
-__all__ = ["TEMPLATES", "hf_to_mcore", "mcore_to_hf", "plan"]'''.split("\n")
+__all__ = ["TEMPLATES", "expand_subtrees", "hf_to_mcore", "mcore_to_hf", "plan"]'''.split("\n")

@@ -40,9 +40,11 @@ def invert(plan: ir.Plan, sources: dict[str, str] | None = None) -> ir.Plan:
     for span, message in uninvertible(plan):
         sink.error(span, message)
     sink.raise_if_any()
-    inversion = ops.Inversion(carried(plan))
-    mappings = tuple(dataclasses.replace(m, mcore_to_hf=ops.inverse(m.hf_to_mcore, inversion))
-                     for m in plan.mappings)
+    inversion, inverses = ops.Inversion(carried(plan)), {}
+    for m in plan.mappings:  # programs resolve shares between mappings are inverted once
+        if id(m.hf_to_mcore) not in inverses:
+            inverses[id(m.hf_to_mcore)] = (m.hf_to_mcore, ops.inverse(m.hf_to_mcore, inversion))
+    mappings = tuple(dataclasses.replace(m, mcore_to_hf=inverses[id(m.hf_to_mcore)][1]) for m in plan.mappings)
     return dataclasses.replace(plan, mappings=mappings)
 
 

@@ -18,7 +18,7 @@ import itertools
 from ..dsl.diagnostics import DiagnosticSink, Span
 from ..errors import UsageError
 from . import ir, ops
-from .evaluate import MISSING, EvalError, Scope, config_value, evaluate
+from .evaluate import MISSING, Budget, EvalError, Scope, config_value, evaluate
 from .templates import (
     EXPERT,
     LAYER,
@@ -28,7 +28,6 @@ from .templates import (
     MappingProduct,
     Rule,
     SentinelProduct,
-    SubtreeProduct,
     Templates,
     Value,
     digest,  # noqa: F401  (the spec digest is the templates' business; kept importable here)
@@ -72,7 +71,7 @@ def resolve(spec, hf_config, architecture: str | None = None, fmt: str | None = 
     _check_requirements(templates, values, sink)
     sink.raise_if_any()
     config = _config_entries(templates, values, sink)
-    domains = _domains(templates, config, sink)
+    domains = _domains(config, sink)
     mappings, sentinels, subtrees = [], [], []
     for rule in templates.rules:
         if rule.format is None or rule.format == fmt:
@@ -123,12 +122,12 @@ def _config_entries(templates: Templates, values: "_Values", sink: DiagnosticSin
     return tuple(entries)
 
 
-def _domains(templates: Templates, config, sink: DiagnosticSink) -> dict[str, range]:
+def _domains(config, sink: DiagnosticSink) -> dict[str, range]:
     """Layer and expert indices: `num_layers` (at least 1 when given) and `num_moe_experts` (0 or more)."""
     domains = {LAYER: range(0), EXPERT: range(0)}
     for kind, name, least in ((LAYER, "num_layers", 1), (EXPERT, "num_moe_experts", 0)):
         entry = next((e for e in config if e.field == name), None)
-        if entry is None or entry.value is None or kind == EXPERT and entry.value == 0:
+        if entry is None or entry.value is None:
             continue
         value = entry.value
         if isinstance(value, float) and value.is_integer():
@@ -150,7 +149,15 @@ class _Values:
 
     def __init__(self, config, symbols):
         self.config, self.symbols = config, {s.name: s for s in symbols}
+        self.budget = Budget()  # the evaluations of one resolve are bounded together
         self.memo: dict[tuple, object] = {}
+
+    def shared(self, key: tuple, build):
+        """One object per distinct `key` in this resolve (equal layouts and programs are one object: less to
+        build, hash and invert)."""
+        if key not in self.memo:
+            self.memo[key] = build()
+        return self.memo[key]
 
     def __call__(self, value: Value, env: dict):
         key = (id(value), tuple([env[n] for n in value.names]))
@@ -160,11 +167,12 @@ class _Values:
 
     def _compute(self, value: Value, env: dict):
         if not callable(value.expr):
-            return evaluate(value.expr, Scope(self.config, self.symbols, tuple((n, env[n]) for n in value.names)))
+            captures = tuple((n, env[n]) for n in value.names)
+            return evaluate(value.expr, Scope(self.config, self.symbols, captures, self.budget))
         try:  # a function printed from the expression (an emitted bridge)
             return value.expr(self.config, *(env[n] for n in value.names))
         except EvalError as exc:
-            raise EvalError(value.span if exc.span.line < 1 else exc.span, exc.message) from None
+            raise exc.at(value.span) from None
         except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
             raise EvalError(value.span, f"cannot evaluate: {type(exc).__name__}: {exc}") from None
 
@@ -182,12 +190,20 @@ def _expand(rule: Rule, values: _Values, prefix: str, domains: dict, sink: Diagn
     """The rule's IR nodes, one per capture combination (its first error ends the rule, as a diagnostic)."""
     names = [name for name, _ in rule.captures]
     ranges = [domains[d] if d in (LAYER, EXPERT) else d for _, d in rule.captures]
+    layer, expert = rule.capture_of(LAYER), rule.capture_of(EXPERT)
     for combination in itertools.product(*ranges):
-        env = dict(zip(names, combination))
+        env = dict(zip(names, combination), prefix=prefix)
         try:
             if rule.when is not None and not values(rule.when, env):
                 continue
-            yield _instantiate(rule, env, values, prefix)
+            product = rule.product
+            if isinstance(product, MappingProduct):
+                yield _mapping(rule, product, env, values, env.get(layer), env.get(expert))
+            elif isinstance(product, SentinelProduct):
+                yield ir.Sentinel(product.side, product.key.format(env), product.kind, product.reason, rule.index,
+                                  product.span)
+            else:
+                yield ir.Subtree(rule.index, rule.span, product.hf.format(env), product.mcore.format(env))
         except EvalError as exc:
             sink.error(exc.span, exc.message)
             return
@@ -196,46 +212,38 @@ def _expand(rule: Rule, values: _Values, prefix: str, domains: dict, sink: Diagn
             return
 
 
-def _instantiate(rule: Rule, env: dict, values: _Values, prefix: str):
-    product = rule.product
-    if isinstance(product, SubtreeProduct):
-        return ir.Subtree(rule.index, rule.span, product.hf.format(prefix, env), product.mcore.format(prefix, env))
-    if isinstance(product, SentinelProduct):
-        return ir.Sentinel(product.side, product.key.format(prefix, env), product.kind, product.reason, rule.index,
-                           product.span)
-    return _mapping(rule, product, env, values, prefix)
-
-
-def _mapping(rule: Rule, product: MappingProduct, env: dict, values: _Values, prefix: str) -> ir.Mapping:
-    absent = tuple(ir.FillAbsent(a.part, a.policy, a.source_part, a.span) for a in product.absent
-                   if a.when is None or values(a.when, env))
-    gone = {op.part for op in absent}
-    sources = tuple(ir.Source(p.name, p.key.format(prefix, env), env[p.stack] if p.stack else None)
-                    for p in product.sources if p.name not in gone)
+def _mapping(rule: Rule, product: MappingProduct, env: dict, values: _Values, layer, expert) -> ir.Mapping:
+    absent = tuple(a for a in product.absent if a.when is None or values(a.when, env))
     layout = _layout(product.layout, env, values) if product.layout is not None else None
-    calls = tuple(_op(call, env, values, prefix) for call in product.ops
-                  if call.when is None or values(call.when, env))
-    program = (*absent, *((ir.Fuse(layout),) if layout is not None else ()), *calls)
-    layer, expert = rule.capture_of(LAYER), rule.capture_of(EXPERT)
-    return ir.Mapping(rule.index, rule.span, product.mcore.format(prefix, env), sources, product.shard, program,
-                      layer=env[layer] if layer else None, expert=env[expert] if expert else None,
-                      exact=ops.exact(program))
+    calls = tuple(_op(call, env, values) for call in product.ops if call.when is None or values(call.when, env))
+    program = values.shared(("program", id(product), tuple(map(id, absent)), id(layout), calls), lambda: (
+        *(ir.FillAbsent(a.part, a.policy, a.source_part, a.span) for a in absent),
+        *((ir.Fuse(layout),) if layout is not None else ()), *calls))
+    gone = {a.part for a in absent}
+    sources = tuple(ir.Source(p.name, p.key.format(env), env[p.stack] if p.stack else None)
+                    for p in product.sources if p.name not in gone)
+    exact = values.shared(("exact", id(program)), lambda: ops.exact(program))
+    return ir.Mapping(rule.index, rule.span, product.mcore.format(env), sources, product.shard, program,
+                      layer=layer, expert=expert, exact=exact)
 
 
 def _layout(template: LayoutTemplate, env: dict, values: _Values) -> ir.Layout:
     bound: dict[str, int] = {}
     for name, value in template.bindings:
         bound[name] = _positive_int(values(value, {**env, **bound}), name, value.span)
-    inner = {**env, **bound}
+    inner = {**env, **bound} if bound else env
     parts = tuple((name, 1 if value is None else _positive_int(values(value, inner), name, value.span))
                   for name, value in template.parts)
-    axes = {f for dim in template.dims for f in dim}
-    return ir.Layout(template.dims, tuple((k, v) for k, v in bound.items() if k in axes), parts, template.text)
+
+    def build() -> ir.Layout:
+        axes = {f for dim in template.dims for f in dim}
+        return ir.Layout(template.dims, tuple((k, v) for k, v in bound.items() if k in axes), parts, template.text)
+    return values.shared(("layout", id(template), tuple(bound.values()), parts), build)
 
 
-def _op(call, env: dict, values: _Values, prefix: str) -> ir.Op:
+def _op(call, env: dict, values: _Values) -> ir.Op:
     row = ops.SPEC_OPS[call.op]
-    args = [values(a, env) if isinstance(a, Value) else a.format(prefix, env) if isinstance(a, Key) else a
+    args = [values(a, env) if isinstance(a, Value) else a.format(env) if isinstance(a, Key) else a
             for a in call.args]
     try:
         return row.build(*args)

@@ -40,8 +40,9 @@ class Key:
 
     text: str
 
-    def format(self, prefix: str, captures: dict) -> str:
-        return self.text.format_map({**captures, "prefix": prefix})
+    def format(self, env: dict) -> str:
+        """The name for `env`: the capture values and `prefix`."""
+        return self.text.format_map(env)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,11 @@
 """Pass `validate` (the config-independent half of `check`): meaning errors that need no HF config.
 
 In: an `ast.Spec`. Out: the same spec, or a `SpecError` with every problem found: capture kinds and arity
-(each capture bound once with a kind, used on both sides), unknown references, sentinel and op names and
-arguments, absent parts and their policies, layouts against the rule's parts, shard axes, formats, subtree
-rules (`.**` on both sides, no captures, nothing but the two patterns), and rules that would claim the same
-tensor.
+(each capture bound once with a kind, used on both sides), unknown references, expressions wrong by their form
+(`evaluate.static_problems`: underscore names, calls of anything but a function or symbol, recursive symbols),
+sentinel and op names and arguments (the op table), absent parts and their policies, layouts against the rule's
+parts, shard axes, formats, subtree rules (`.**` on both sides, no captures, nothing but the two patterns), and
+rules that would claim the same tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ..dsl.diagnostics import DiagnosticSink
 from ..dsl.expressions import parse as parse_text
 from ..dsl.yaml_source import Located
 from . import ops
+from .evaluate import static_problems
 
 SENTINELS = {"tied": 1, "derived": 1, "ignored": 1}
 ABSENT = "ABSENT_PROJECTION"
@@ -46,6 +48,8 @@ def _used(pattern: ast.Pattern) -> set[str]:
 def validate(spec: ast.Spec) -> ast.Spec:
     sink = DiagnosticSink(spec.texts)
     _check_symbols(spec, sink)
+    for span, message in static_problems(spec):  # underscore names, calls of non-functions, recursive symbols
+        sink.error(span, message)
     for rule in spec.rules:
         _check_captures(rule, sink)
         if any(p.subtree for p in _patterns(rule)):

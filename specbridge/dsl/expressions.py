@@ -19,6 +19,8 @@ from .forms import FormsToAst, tag_when
 from .yaml_source import Located
 
 START_SYMBOLS = ("pattern", "expr", "layout", "call", "symdef")
+MAX_NESTING = 64  # levels of one expression (the AST is walked recursively; real specs nest a few levels)
+MAX_NUMBER_DIGITS = 40
 
 
 @functools.cache
@@ -117,9 +119,29 @@ def parse(source: Located, start: str):
     except lark.exceptions.UnexpectedInput as exc:
         return Diagnostic(source.text_span(exc.line, exc.column, 1) if exc.line > 0 else source.span,
                           _syntax_message(exc, start, text))
+    refused = _too_large(tree)
+    if refused is not None:
+        where, message = refused
+        return Diagnostic(source.text_span(where.line, where.column, 1), message)
     if start == "call":
         tree = tag_when(tree)
     return _ToAst(source).transform(tree)
+
+
+def _too_large(tree: lark.Tree):
+    """(token or tree meta, message) when the text nests deeper than `MAX_NESTING` or writes a number of more
+    than `MAX_NUMBER_DIGITS` digits; None otherwise (an iterative walk: no recursion on untrusted depth)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return node.meta, f"expression nests too deeply (more than {MAX_NESTING} levels)"
+        for child in node.children:
+            if isinstance(child, lark.Tree):
+                stack.append((child, depth + 1))
+            elif isinstance(child, lark.Token) and child.type == "NUMBER" and len(child) > MAX_NUMBER_DIGITS:
+                return child, f"number too long (more than {MAX_NUMBER_DIGITS} characters)"
+    return None
 
 
 _WHAT = {"pattern": "name pattern", "expr": "expression", "layout": "layout", "call": "call",

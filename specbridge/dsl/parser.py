@@ -27,6 +27,8 @@ from importlib import resources
 from pathlib import Path
 
 from . import ast
+from specbridge.errors import SpecError
+
 from .diagnostics import Diagnostic, DiagnosticSink, Span
 from .expressions import parse as parse_text
 from .yaml_source import Located, load_yaml
@@ -48,7 +50,19 @@ def builtin_spec_dir() -> Path:
 
 def load_spec(path: str | Path) -> ast.Spec:
     path = Path(path)
-    return parse_spec(path.read_text(), str(path))
+    return parse_spec(read_spec_text(path), str(path))
+
+
+def read_spec_text(path: Path) -> str:
+    """The text of a spec file; bytes that are not UTF-8 are a spanned error, not a traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start].decode("utf-8", errors="replace")
+        line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        raise SpecError([Diagnostic(Span(str(path), line, column), "the spec is not UTF-8 text (byte "
+                                    f"0x{data[exc.start]:02x})")]) from None
 
 
 def parse_spec(text: str, file: str = "<spec>") -> ast.Spec:
@@ -97,8 +111,8 @@ def _declarations(root: Located, file: str, text: str, sink: DiagnosticSink, cha
 
 def _read(path: Path, node: Located, sink: DiagnosticSink) -> str | None:
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        return read_spec_text(path)
+    except OSError as exc:
         sink.error(node.span, f"'extends': cannot read '{path}': {exc}")
         return None
 
@@ -148,14 +162,14 @@ def _merge(base: _Declared, own: _Declared) -> _Declared:
         mine = getattr(own, field)
         return getattr(base, field) if mine is None else mine
 
-    field_name = lambda f: f.field  # noqa: E731
+    entry_field = lambda f: f.field  # noqa: E731
     return _Declared(
         name=own.name,
         architectures=pick("architectures"),
         formats=pick("formats"),
         model=pick("model"),
-        transformer=_by_name(base.transformer, own.transformer, field_name),
-        model_args=_by_name(base.model_args, own.model_args, field_name),
+        transformer=_by_name(base.transformer, own.transformer, entry_field),
+        model_args=_by_name(base.model_args, own.model_args, entry_field),
         symbols=_by_name(base.symbols, own.symbols, lambda s: s.name),
         requires=(base.requires or ()) + (own.requires or ()),
         rules=None if base.rules is None and own.rules is None else (base.rules or ()) + (own.rules or ()),
@@ -217,6 +231,15 @@ class _SpecReader:
             return None
         return node.value
 
+    def field_name(self, node: Located, what: str) -> str | None:
+        """A config field name (e.g. `text_config`): an identifier not starting with `_`."""
+        value = node.value
+        if not isinstance(value, str) or not value.isidentifier() or value.startswith("_"):
+            self.sink.error(node.span, f"{what} must be the name of a config field (letters, digits, '_'; not "
+                                       f"starting with '_')")
+            return None
+        return value
+
     def parse(self, node: Located, start: str, what: str):
         if start == "expr" and isinstance(node.value, (bool, int, float)):
             return ast.Const(node.value, node.span)
@@ -269,7 +292,8 @@ class _SpecReader:
             props = self.mapping(value, f"architecture '{name}'", ARCH_KEYS)
             prefix_node = self.required(props, "prefix", value, f"architecture '{name}'")
             prefix = prefix_node.value if prefix_node is not None and isinstance(prefix_node.value, str) else ""
-            config = props["config"][1].value if "config" in props else None
+            config = self.field_name(props["config"][1], f"architecture '{name}' config") if "config" in props \
+                else None
             archs.append(ast.Architecture(name, prefix, config, key.span))
         formats = None
         if "formats" in fields:

@@ -5,7 +5,9 @@ conversions.
 A bridge module is a spec's rule templates printed as Python (see `compiler/emit.py`): it imports this module,
 never the spec file, the YAML reader or the expression parser (importing this module loads neither), and it
 runs exactly the passes the interpreted compiler runs, so its `plan()` equals `compile_plan` and its errors are
-the same `specbridge.errors` types.
+the same `specbridge.errors` types. Expressions in a bridge read configs, call functions and compute through the
+evaluator's own accessor, function table and bounded operators (errors raised here without a place are placed
+by `resolve` at the expression that raised them).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ..compiler.evaluate import FUNCTIONS, MISSING, EvalError, call_function, config_value
+from ..compiler import evaluate
+from ..compiler.evaluate import FUNCTIONS, call_function
 from ..compiler.invert import invert
 from ..compiler.ir import BRACKET, Plan, Shard, Span, expand_subtrees
 from ..compiler.plan import order
@@ -39,23 +42,32 @@ from ..compiler.templates import (
 )
 from .ops import run_export, run_import
 
-_NOWHERE = Span("<bridge>", 0, 0)  # resolve places an error raised here at the expression that raised it
+_NOWHERE = evaluate.UNKNOWN_SPAN  # resolve places an error raised here at the expression that raised it
 
 __all__ = [
     "BRACKET", "EXPERT", "LAYER", "Absent", "Architecture", "ConfigTemplate", "Key", "LayoutTemplate",
     "MappingProduct", "OpCall", "Part", "Plan", "Requirement", "Rule", "SentinelProduct", "Shard", "Span",
-    "SubtreeProduct", "Templates", "Value", "expand_subtrees", "field", "fn", "hf_to_mcore", "invert", "mcore_to_hf",
-    "order", "resolve",
+    "SubtreeProduct", "Templates", "Value", "apply", "expand_subtrees", "field", "fn", "hf_to_mcore", "invert",
+    "mcore_to_hf", "negate", "order", "resolve", "subscript",
 ]
 
 
 def field(config, name: str):
-    """Field `name` of a config (a spec's bare name or `a.b`), read as the evaluator reads it (`config_value`);
-    resolve places the error at the expression that read it."""
-    value = config_value(config, name)
-    if value is MISSING:
-        raise EvalError(_NOWHERE, f"'{name}' is not a field of the HF config ({type(config).__name__})")
-    return value
+    """Field `name` of a config (a spec's bare name or `a.b`), read as the evaluator reads it."""
+    return evaluate.config_field(config, name, _NOWHERE)
+
+
+def apply(op: str, left, right):
+    """`left op right` by the evaluator's bounded operator."""
+    return evaluate.apply(op, left, right, _NOWHERE)
+
+
+def negate(value):
+    return evaluate.negate(value, _NOWHERE)
+
+
+def subscript(value, index):
+    return evaluate.subscript(value, index, _NOWHERE)
 
 
 def _function(function):

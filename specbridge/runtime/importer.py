@@ -39,6 +39,28 @@ def verify_checkpoint_keys(plan: ir.Plan, available: set[str]) -> None:
                               f"'{plan.spec}' ({plan.architecture}, format '{plan.format}') consumes", key=unknown[0])
 
 
+def verify_tied_sentinels(plan: ir.Plan, reader, rows: int = 4096) -> None:
+    """An HF tensor the spec calls a tied copy (e.g. `lm_head.weight` under `tie_word_embeddings`) that the
+    checkpoint holds anyway must equal the tensor it is tied to, bit for bit: otherwise the conversion would drop
+    real weights. Compared `rows` rows at a time."""
+    by_mcore = plan.by_mcore()
+    for sentinel in plan.sentinels:
+        tied_to = by_mcore.get(sentinel.reason)
+        if sentinel.side != ir.HF or sentinel.kind != "tied" or sentinel.key not in reader.keys() or tied_to is None:
+            continue
+        other = tied_to.sources[0].key
+        shape = reader.shape(sentinel.key)
+        same = shape == reader.shape(other) and reader.dtype(sentinel.key) == reader.dtype(other) and (
+            torch.equal(reader.get(sentinel.key), reader.get(other)) if not shape else
+            all(torch.equal(reader.get(sentinel.key, rows=(r, min(r + rows, shape[0]))),
+                            reader.get(other, rows=(r, min(r + rows, shape[0])))) for r in range(0, shape[0], rows)))
+        if not same:
+            raise ConversionError(f"the config ties '{sentinel.key}' to '{other}', but the checkpoint holds a "
+                                  f"different '{sentinel.key}': converting would drop it (set the config's "
+                                  f"tie_word_embeddings to false to convert it untied)", key=sentinel.key,
+                                  rule=sentinel.span)
+
+
 def tied_copies(plan: ir.Plan) -> dict[str, str]:
     """Megatron's copy of a tied tensor on the last pipeline stage -> the tensor it copies."""
     if any(s.kind == "tied" and s.reason == "embedding.word_embeddings.weight" for s in plan.sentinels):
@@ -69,6 +91,7 @@ def import_weights(chunks, plan: ir.Plan, reader, ranks: Ranks = Ranks(), progre
     error, work = None, {}
     try:
         verify_checkpoint_keys(plan, reader.keys())
+        verify_tied_sentinels(plan, reader)
         work = _assignments(plan, targets, ranks)
         for name, mapping in work.items():
             _check_divisible(mapping, reader, ranks)

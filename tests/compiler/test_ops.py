@@ -107,10 +107,9 @@ def test_unknown_source_dtype_assumes_a_checkpoint_float():
 def test_bad_op_arguments_are_refused_with_a_span(op, message):
     with pytest.raises(SpecError) as info:
         spec(op)
-    (diagnostic,) = info.value.diagnostics
-    assert diagnostic.message == message or message in diagnostic.message, diagnostic.message
-    assert (diagnostic.span.file, diagnostic.span.line) == ("ops.yaml", 12)
-    assert diagnostic.span.column >= 10
+    diagnostics = info.value.diagnostics  # (`cast(__class__)` is also refused as an underscore name)
+    assert any(message in d.message for d in diagnostics), [d.message for d in diagnostics]
+    assert all((d.span.file, d.span.line) == ("ops.yaml", 12) and d.span.column >= 10 for d in diagnostics)
 
 
 def test_a_scale_pattern_naming_an_unknown_capture_is_refused_at_the_capture():

@@ -11,7 +11,6 @@ from specbridge.compiler.emit import emit_module
 from specbridge.compiler.validate import validate
 from specbridge.dsl.parser import parse_spec
 from specbridge.errors import SpecError
-from specbridge.runtime.bridge import expand_subtrees
 from tests.compiler.test_emit import load_bridge
 
 SPEC = """\
@@ -66,7 +65,8 @@ def test_subtree_expands_to_one_identity_mapping_per_hf_key():
     assert [(m.sources[0].key, m.mcore) for m in tower] == [
         (k, "vision_tower." + k.removeprefix("model.vision_tower.")) for k in sorted(TOWER)]
     for m in tower:
-        assert (m.shard, m.hf_to_mcore, m.mcore_to_hf, m.layer, m.exact) == (ir.Shard("replicated"), (), (), None, True)
+        assert (m.shard, m.hf_to_mcore, m.mcore_to_hf, m.layer, m.exact) == \
+            (ir.Shard("replicated"), (), (), None, True)
     assert plan == ir.expand_subtrees(unchecked, manifests()[0].shapes())
     assert [m.rule for m in plan.mappings] == [1, 1, 1, 0, 0]  # non-layer tensors first, in key order
 
@@ -128,5 +128,5 @@ def test_validate_refuses_what_a_subtree_rule_cannot_mean(rule, message):
 def test_emitted_bridge_carries_the_subtree(tmp_path):
     bridge = load_bridge(emit_module(spec()), tmp_path, "tower")
     assert bridge.plan(CONFIG) == compile_plan(spec(), CONFIG)
-    expanded = expand_subtrees(bridge.plan(CONFIG), manifests()[0].shapes())  # what an emitted bridge's user calls
+    expanded = bridge.expand_subtrees(bridge.plan(CONFIG), manifests()[0].shapes())
     assert expanded == compile_plan(spec(), CONFIG, manifests=manifests())

@@ -155,5 +155,9 @@ def test_a_partial_base_is_completed_by_the_child(tmp_path):
 def test_an_unreadable_base_is_a_spec_error(tmp_path):
     (tmp_path / "base.yaml").write_bytes(b"spec: \xff\xfe\n")
     write(tmp_path, child=CHILD)
-    with pytest.raises(SpecError, match="'extends': cannot read"):
+    with pytest.raises(SpecError, match="base.yaml:1:7: error: the spec is not UTF-8 text"):
+        load_spec(tmp_path / "child.yaml")
+    (tmp_path / "base.yaml").unlink()
+    (tmp_path / "base.yaml").mkdir()
+    with pytest.raises(SpecError, match="no spec file"):
         load_spec(tmp_path / "child.yaml")

@@ -27,12 +27,15 @@ from specbridge.runtime.bridge import (
     Span,
     Templates,
     Value,
+    apply,
+    expand_subtrees,
     field,
     hf_to_mcore,
     invert,
     mcore_to_hf,
     order,
     resolve,
+    subscript,
 )
 
 FILE = "specbridge/specs/gemma4.yaml"
@@ -40,17 +43,17 @@ FILE = "specbridge/specs/gemma4.yaml"
 
 # specbridge/specs/gemma4.yaml:34: full(i): layer_types[i] == "full_attention"
 def sym_full(cfg, i):
-    return field(cfg, "layer_types")[i] == "full_attention"
+    return subscript(field(cfg, "layer_types"), i) == "full_attention"
 
 
 # specbridge/specs/gemma4.yaml:35: d(i): per_layer_config[i].head_dim
 def sym_d(cfg, i):
-    return field(field(cfg, "per_layer_config")[i], "head_dim")
+    return field(subscript(field(cfg, "per_layer_config"), i), "head_dim")
 
 
 # specbridge/specs/gemma4.yaml:36: kv(i): per_layer_config[i].num_key_value_heads
 def sym_kv(cfg, i):
-    return field(field(cfg, "per_layer_config")[i], "num_key_value_heads")
+    return field(subscript(field(cfg, "per_layer_config"), i), "num_key_value_heads")
 
 
 # specbridge/specs/gemma4.yaml:37: k_eq_v(i): full(i) and attention_k_eq_v
@@ -244,14 +247,14 @@ TEMPLATES = Templates(
                         (
                             "r",
                             Value(
-                                lambda cfg, i: field(cfg, "num_attention_heads") // sym_kv(cfg, i),
+                                lambda cfg, i: apply("//", field(cfg, "num_attention_heads"), sym_kv(cfg, i)),
                                 Span(FILE, 61, 73, 28),
                                 ("i",),
                             ),
                         ),
                     ),
                     (
-                        ("q", Value(lambda cfg, d, r: r * d, Span(FILE, 61, 18, 6), ("d", "r"))),
+                        ("q", Value(lambda cfg, d, r: apply("*", r, d), Span(FILE, 61, 18, 6), ("d", "r"))),
                         ("k", Value(lambda cfg, d: d, Span(FILE, 61, 27, 4), ("d",))),
                         ("v", Value(lambda cfg, d: d, Span(FILE, 61, 34, 4), ("d",))),
                     ),
@@ -512,4 +515,4 @@ def plan(hf_config, architecture: str | None = None, fmt: str | None = None) -> 
     return order(invert(resolve(TEMPLATES, hf_config, architecture, fmt)))
 
 
-__all__ = ["TEMPLATES", "hf_to_mcore", "mcore_to_hf", "plan"]
+__all__ = ["TEMPLATES", "expand_subtrees", "hf_to_mcore", "mcore_to_hf", "plan"]
