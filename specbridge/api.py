@@ -147,7 +147,7 @@ class Converter:
     def check(self, chunks=None, manifests: tuple[ir.Manifest, ir.Manifest] | None = None) -> ir.Plan:
         """Prove coverage, uniqueness and shapes against both manifests (a `SpecError` otherwise)."""
         spec = self.spec
-        return compiler.check(self.plan, *(manifests or self.manifests(chunks)), sources={spec.file: spec.source})
+        return compiler.check(self.plan, *(manifests or self.manifests(chunks)), sources=spec.texts)
 
     def expanded_plan(self) -> ir.Plan:
         """The plan with its subtree rules expanded to one mapping per tensor of the HF model class (every rank
@@ -209,7 +209,7 @@ class Converter:
     @functools.cached_property
     def adapter_plan(self) -> adapters.AdapterPlan:
         spec = self.spec
-        return adapters.derive(self.plan, sources={spec.file: spec.source})
+        return adapters.derive(self.plan, sources=spec.texts)
 
     def add_adapter(self, chunks, rank: int, alpha: float | None = None, targets=adapters.TARGETS,
                     use_rslora: bool = False, seed: int = 0) -> LoraSettings:
@@ -256,7 +256,7 @@ class Converter:
         spec = self.spec
         hf = adapter_io.hf_adapter_manifest(self.plan.architecture, self.hf_config, self.adapter_plan, rank)
         mcore = adapter_io.mcore_adapter_manifest(chunks, self.plan.model)
-        adapters.prove(self.adapter_plan, hf, mcore, sources={spec.file: spec.source})
+        adapters.prove(self.adapter_plan, hf, mcore, sources=spec.texts)
         return self.adapter_plan
 
 

@@ -32,9 +32,9 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-DEMO_FAMILIES = ("llama", "llama_tied", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_unnormed", "gemma4_moe",
-                 "gemma4_dense", "gemma4_e2b", "gemma4_e4b", "gemma4_vlm", "gemma4_vlm_dense", "gemma4_e2b_vlm",
-                 "gemma4_e4b_vlm")  # specbridge.demo.FAMILIES (tests/test_cli.py keeps the two equal)
+DEMO_FAMILIES = ("llama", "llama_tied", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_unnormed", "qwen3_moe_mixed",
+                 "qwen2", "mistral", "mixtral", "gemma4_moe", "gemma4_dense", "gemma4_e2b", "gemma4_e4b", "gemma4_vlm",
+                 "gemma4_vlm_dense", "gemma4_e2b_vlm", "gemma4_e4b_vlm")  # specbridge.demo.FAMILIES (tests/test_cli.py keeps the two equal)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -255,9 +255,9 @@ def cmd_explain(args) -> int:
 
     conv = _converter_from_args(args, args.config)
     if ".lora_A." in args.name or ".lora_B." in args.name or ".adapter.linear_" in args.name:
-        print(adapters.explain(conv.adapter_plan, args.name, conv.spec.source))
+        print(adapters.explain(conv.adapter_plan, args.name, conv.spec.texts))
     else:
-        print(explain(conv.plan, args.name, conv.spec.source))
+        print(explain(conv.plan, args.name, conv.spec.texts))
     return 0
 
 

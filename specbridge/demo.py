@@ -51,6 +51,12 @@ FAMILIES = {
     "qwen3_tied": ("Qwen3ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3_moe": ("Qwen3MoeForCausalLM", {**MOE, "norm_topk_prob": True}),
     "qwen3_moe_unnormed": ("Qwen3MoeForCausalLM", {**MOE, "norm_topk_prob": False}),
+    "qwen3_moe_mixed": ("Qwen3MoeForCausalLM", {**MOE, "norm_topk_prob": True, "num_hidden_layers": 4,
+                                               "decoder_sparse_step": 2, "mlp_only_layers": [3]}),  # experts in layer 1
+    "qwen2": ("Qwen2ForCausalLM", {"head_dim": 16, "intermediate_size": 88, "tie_word_embeddings": True}),
+    "mistral": ("MistralForCausalLM", {"sliding_window": None, "tie_word_embeddings": False}),
+    "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 40,
+                                       "sliding_window": None, "tie_word_embeddings": False}),
     "gemma4_moe": ("Gemma4ForCausalLM", {**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True}),
     "gemma4_dense": ("Gemma4ForCausalLM", {**GEMMA4, "attention_k_eq_v": True}),
     "gemma4_e2b": ("Gemma4ForCausalLM", GEMMA4_E2B),

@@ -52,7 +52,7 @@ def compile_plan(spec, hf_config, architecture: str | None = None, fmt: str | No
     key = type(hf_config).__qualname__ + json.dumps(_config_dict(hf_config), sort_keys=True, default=str)
     plan = _compiled(spec, key, architecture, fmt, _Opaque(hf_config))
     if manifests is not None:
-        plan = check(plan, *manifests, sources={spec.file: spec.source})
+        plan = check(plan, *manifests, sources=spec.texts)
     return plan
 
 
@@ -73,7 +73,7 @@ class _Opaque:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(spec, config_key: str, architecture, fmt, config: _Opaque) -> ir.Plan:
-    return order(invert(resolve(spec, config.value, architecture, fmt), {spec.file: spec.source}))
+    return order(invert(resolve(spec, config.value, architecture, fmt), spec.texts))
 
 
 def _config_dict(hf_config):

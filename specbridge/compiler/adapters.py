@@ -198,14 +198,14 @@ def _check_rows(adapter: AdapterPlan, hf: ir.Manifest, mcore: ir.Manifest, sink:
                                         f"{list(pb)})")
 
 
-def explain(adapter: AdapterPlan, name: str, source: str = "") -> str:
+def explain(adapter: AdapterPlan, name: str, sources: dict[str, str] | None = None) -> str:
     """`specbridge explain` for an adapter key of either side."""
     from .explain import _describe
 
     for t in adapter.targets:
         for m, which in ((t.a, A), (t.b, B)):
             if m.mcore == name or any(s.key == name for s in m.sources):
-                return "\n".join(_derivation(t, which) + _describe(m, source))
+                return "\n".join(_derivation(t, which) + _describe(m, sources or {}))
     raise UsageError(f"'{name}' is no adapter tensor of spec '{adapter.base.spec}' for this config")
 
 

@@ -207,7 +207,6 @@ class _Emitter:
         self.templates = lower(spec)
         self.file = portable(spec.file)
         self.expr = _Expr({s.name: s for s in spec.symbols})
-        self.lines = spec.source.splitlines()
 
     def module(self) -> str:
         body = [*self.symbol_functions(), *self.templates_constant(), *_PLAN]
@@ -238,7 +237,7 @@ class _Emitter:
         return f"Span({file}, {span.line}, {span.column}" + (f", {span.length})" if span.length != 1 else ")")
 
     def spec_line(self, span: Span) -> str:
-        return self.lines[span.line - 1].strip() if 0 < span.line <= len(self.lines) else ""
+        return self.spec.line(span)
 
     # ------------------------------------------------------------ symbols
 
@@ -249,7 +248,7 @@ class _Emitter:
             for p in symbol.params:
                 env[p] = _local(p, env.values())
             params = ", ".join(["cfg", *env.values()])
-            out += ["", "", f"# {self.file}:{symbol.span.line}: {self.spec_line(symbol.span)}",
+            out += ["", "", f"# {portable(symbol.span.file)}:{symbol.span.line}: {self.spec_line(symbol.span)}",
                     f"def sym_{symbol.name}({params}):", *_render(self.expr(symbol.expr, env), INDENT, lead="return ")]
         return out
 

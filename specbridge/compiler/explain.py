@@ -6,13 +6,13 @@ from ..errors import UsageError
 from . import ir, ops
 
 
-def _rule_text(span, source: str) -> str:
-    lines = source.splitlines()
+def _rule_text(span, sources: dict[str, str]) -> str:
+    lines = sources.get(span.file, "").splitlines()
     return lines[span.line - 1].strip() if 0 < span.line <= len(lines) else ""
 
 
-def _describe(m: ir.Mapping, source: str) -> list[str]:
-    out = [f"rule at {m.span}: {_rule_text(m.span, source)}",
+def _describe(m: ir.Mapping, sources: dict[str, str]) -> list[str]:
+    out = [f"rule at {m.span}: {_rule_text(m.span, sources)}",
            f"  mcore: {m.mcore}" + (f"   (layer {m.layer})" if m.layer is not None else "")
            + (f" (expert {m.expert})" if m.expert is not None else "")]
     for s in m.sources:
@@ -29,9 +29,9 @@ def _describe(m: ir.Mapping, source: str) -> list[str]:
     return out
 
 
-def explain(plan: ir.Plan, name: str, source: str = "") -> str:
+def explain(plan: ir.Plan, name: str, sources: dict[str, str] | None = None) -> str:
     hits = [m for m in plan.mappings if m.mcore == name or any(s.key == name for s in m.sources)]
-    lines = [line for m in hits for line in _describe(m, source)]
+    lines = [line for m in hits for line in _describe(m, sources or {})]
     for s in plan.sentinels:
         if s.key == name:
             lines.append(f"rule at {s.span}: {s.side} tensor '{s.key}' is {s.kind}: {s.reason}")

@@ -42,7 +42,7 @@ def lower(spec: ast.Spec) -> Templates:
                    for section, fields in (("transformer", spec.transformer), ("model_args", spec.model_args))
                    for f in fields)
     return Templates(
-        spec.name, spec.file, digest(spec.source), spec.model,
+        spec.name, spec.file, digest(spec.merged_source), spec.model,
         tuple(Architecture(a.name, a.prefix, a.config) for a in spec.architectures), tuple(spec.formats),
         tuple(Requirement(_value(r, ()), to_text(r)) for r in spec.requires), config,
         tuple(_rule(rule) for rule in spec.rules), tuple(spec.symbols), spec.span)

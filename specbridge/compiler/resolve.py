@@ -115,7 +115,7 @@ def _templates(spec) -> tuple[Templates, dict[str, str]]:
         return spec, {}
     from .lower import lower  # the parser's side: only a spec (not a bridge) needs it
 
-    return lower(spec), {spec.file: spec.source}
+    return lower(spec), spec.texts
 
 
 def check_requirements(spec, hf_config, architecture: str | None = None) -> None:

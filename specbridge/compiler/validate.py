@@ -46,7 +46,7 @@ def _used(pattern: ast.Pattern) -> set[str]:
 
 
 def validate(spec: ast.Spec) -> ast.Spec:
-    sink = DiagnosticSink({spec.file: spec.source})
+    sink = DiagnosticSink(spec.texts)
     _check_symbols(spec, sink)
     for span, message in static_problems(spec):  # underscore names, calls of non-functions, recursive symbols
         sink.error(span, message)

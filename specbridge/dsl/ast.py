@@ -227,3 +227,19 @@ class Spec:
     rules: tuple[Rule, ...]
     span: Span
     requires: tuple[Expr, ...] = ()  # predicates every supported HF config satisfies
+    sources: tuple[tuple[str, str], ...] = ()  # (file, text) of every file merged by `extends`, bases first
+
+    @property
+    def texts(self) -> dict[str, str]:
+        """Every file's text by file name (for diagnostics: a rule may come from a base spec)."""
+        return dict(self.sources) or {self.file: self.source}
+
+    @property
+    def merged_source(self) -> str:
+        """The text of all the spec's files in merge order (the spec's own text when it extends nothing)."""
+        return "\0".join(text for _, text in self.sources) if len(self.sources) > 1 else self.source
+
+    def line(self, span: Span) -> str:
+        """The stripped source line a span points at, in whichever file it was written."""
+        lines = self.texts.get(span.file, "").splitlines()
+        return lines[span.line - 1].strip() if 0 < span.line <= len(lines) else ""

@@ -265,6 +265,7 @@ def recorded_spec(directory: str | Path, meta: dict, override=None) -> Path:
     """The spec the checkpoint was written with, identified by name and content digest: the built-in spec of that
     name, else the checkpoint's own copy (`spec.yaml`), each only if its digest is the recorded one; or `override`
     (a file or built-in name), whose digest must also match. Never a path read from the checkpoint."""
+    from .. import compiler
     from ..api import builtin_specs, resolve_spec_path
     from ..compiler.resolve import digest
 
@@ -276,7 +277,7 @@ def recorded_spec(directory: str | Path, meta: dict, override=None) -> Path:
     for path in candidates:
         if not path.is_file():
             raise UsageError(f"spec '{path}' does not exist")
-        found = digest(path.read_text())
+        found = digest(compiler.load(path).merged_source)  # as plans record it: every file of an `extends` chain
         if found == spec["digest"]:
             return path
         seen.append(f"'{path}' has digest {found}")

@@ -51,6 +51,10 @@ CASES = {
     "gemma4_e2b_tp2": ("gemma4_e2b_vlm", 2, ["--tp", "2"], dict(num_hidden_layers=6)),
     "gemma4_e4b_pp2": ("gemma4_e4b_vlm", 2, ["--pp", "2", "--first-stage-layers", "5"], dict(num_hidden_layers=7)),
     "gemma4_e4b_tp2": ("gemma4_e4b_vlm", 2, ["--tp", "2"], dict(num_hidden_layers=7)),
+    "qwen2_tp2": ("qwen2", 2, ["--tp", "2"], dict(num_hidden_layers=3)),  # QKV biases split by query group
+    "mistral_tp2": ("mistral", 2, ["--tp", "2"], dict(num_hidden_layers=3)),
+    "mixtral_ep2": ("mixtral", 2, ["--ep", "2"], dict(num_hidden_layers=3)),
+    "qwen3_moe_mixed_ep2": ("qwen3_moe_mixed", 2, ["--ep", "2"], dict(num_hidden_layers=4)),  # dense between MoE
 }
 # the layers each pipeline stage holds, where the case checks them
 STAGE_LAYERS = {"pp2_odd_layers": [[0, 1, 2], [3, 4]], "pp2_uneven": [[0], [1, 2, 3]]}

@@ -99,10 +99,14 @@ def transformer_config(transformer: dict, config_class=None):
     return config_class(**kwargs)
 
 
-def layer_spec(config):
-    """megatron-core's local GPT layer spec for `config` (dense or MoE, optional qk-norm)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def layer_spec(config, vp_stage: int | None = None):
+    """megatron-core's local GPT layer spec for `config` (dense or MoE, optional qk-norm); with a per-layer MoE
+    pattern (`moe_layer_freq` a list of 0/1), megatron-core's block spec for this pipeline stage."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
+    if config.num_moe_experts and isinstance(config.moe_layer_freq, list):
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
+                                          vp_stage=vp_stage)
     return get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts,
         moe_grouped_gemm=False,
@@ -134,7 +138,7 @@ def build_gpt(
     config = transformer_config(transformer)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config),
+        transformer_layer_spec=layer_spec(config, vp_stage),
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,

@@ -1,0 +1,92 @@
+"""The spec families beyond the generic proofs of test_roundtrip_parity (coverage, bit-exact round trip and fp32
+logit parity of every family in `FAMILIES`, at TP1, as save_pretrained writes them) and of the multi-rank
+harness (one layout each): what is particular to a family — a RoPE scaling, a second on-disk layout, the configs
+a spec refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specbridge.api import Converter
+from specbridge.errors import SpecError
+from specbridge.verify import parity, roundtrip
+from tests.support import tiny_model
+
+LONG = 16384  # max_position_embeddings above Llama 3's original 8192
+ROPE = {
+    "llama3": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+}
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE))
+def test_llama_rope_scaling_parity(rope_type, tmp_path, parallel):
+    """At 48 tokens the scaling moves transformers' logits by far more than the tolerance (so the parity below
+    cannot pass with the scaling dropped), and the converted model matches the scaled logits."""
+    scaled = tiny_model("llama", rope_parameters=ROPE[rope_type], max_position_embeddings=LONG)
+    plain = tiny_model("llama", max_position_embeddings=LONG)
+    assert all(torch.equal(a, b) for a, b in zip(scaled.state_dict().values(), plain.state_dict().values()))
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    assert (hf_logits(scaled, ids) - hf_logits(plain, ids)).abs().max() > 1e-2
+
+    scaled.save_pretrained(str(tmp_path))
+    conv = Converter.from_pretrained(tmp_path)
+    model_args = conv.plan.model_kwargs()
+    assert model_args["rope_scaling"] == (rope_type == "llama3")
+    assert model_args["seq_len_interpolation_factor"] == (4.0 if rope_type == "linear" else 1.0)
+    result = parity(tmp_path, seq_len=48)
+    assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0, result
+
+
+@pytest.mark.parametrize("family, overrides, field", [
+    ("llama", {"rope_parameters": {**ROPE["llama3"], "low_freq_factor": 2.0}}, "low_freq_factor"),
+    ("llama", {"rope_parameters": {**ROPE["llama3"], "high_freq_factor": 8.0}}, "high_freq_factor"),
+    ("llama", {"rope_parameters": {**ROPE["llama3"], "original_max_position_embeddings": 4096}},
+     "original_max_position_embeddings"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope_type"),
+    ("qwen3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
+    ("mistral", {"sliding_window": 4096}, "sliding_window"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+])
+def test_unsupported_configs_are_refused_naming_the_field(family, overrides, field):
+    config = tiny_model(family, max_position_embeddings=LONG, **overrides).config
+    with pytest.raises(SpecError, match="not supported by the spec") as info:
+        Converter.from_config(config)
+    (diagnostic,) = info.value.diagnostics
+    assert field in info.value.sources[diagnostic.span.file].splitlines()[diagnostic.span.line - 1]
+
+
+def test_mixtral_both_on_disk_formats(tmp_path, parallel):
+    """Checkpoints (and save_pretrained) hold Mixtral's experts per expert under block_sparse_moe, transformers
+    fused under mlp: a checkpoint in the fused layout converts too, and export writes either layout."""
+    from safetensors.torch import save_file
+
+    from specbridge.runtime.safetensors_io import CheckpointReader
+
+    model = tiny_model("mixtral")
+    model.save_pretrained(str(tmp_path / "per_expert"))
+    saved = CheckpointReader(tmp_path / "per_expert")
+    assert any(".block_sparse_moe.experts.3.w3." in k for k in saved.keys())
+    (tmp_path / "fused").mkdir()
+    model.config.save_pretrained(str(tmp_path / "fused"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "fused" / "model.safetensors"), metadata={"format": "pt"})
+
+    conv = Converter.from_pretrained(tmp_path / "fused")
+    assert conv.plan.format == "fused"
+    conv.check()
+    assert roundtrip(tmp_path / "fused").exact
+    assert parity(tmp_path / "fused", seq_len=12).ok(atol=1e-4)
+
+    chunks = conv.build_model()
+    conv.import_weights(chunks, tmp_path / "fused")
+    conv.with_format("per_expert").export_weights(chunks, tmp_path / "as_saved")
+    written = CheckpointReader(tmp_path / "as_saved")
+    assert written.keys() == saved.keys() and all(torch.equal(written.get(k), saved.get(k)) for k in saved.keys())
