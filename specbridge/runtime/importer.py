@@ -18,6 +18,7 @@ import torch
 from ..compiler import ir
 from ..compiler.layouts import dim_of_axis, infer_sizes
 from .collectives import agree
+from .direct_read import DirectReader
 from .naming import TIED_OUTPUT
 from ..errors import ConversionError
 from .ops import below_tp, run_import, tp_slice
@@ -75,9 +76,10 @@ def import_weights(chunks, plan: ir.Plan, reader, ranks: Ranks = Ranks(), progre
         error = exc
     agree(error)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), DirectReader(reader) as direct:
             for name, mapping in work.items():
-                _fill(targets[name], mapping, reader, ranks)
+                if not direct.fill(targets[name], mapping, *ranks.tp_of(mapping)):
+                    _fill(targets[name], mapping, reader, ranks)
                 if progress is not None:
                     progress(1)
     except ConversionError as exc:
