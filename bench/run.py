@@ -669,7 +669,18 @@ def main(argv=None) -> int:
     parser.add_argument("--cli-flags", default="--ep 2",
                         help="flags of the CLI check `torchrun ... -m specbridge roundtrip` (smallest checkpoint)")
     parser.add_argument("--profile", action="store_true", help="also cProfile import/export (largest layer count)")
+    parser.add_argument("--mb-venv", default=None,
+                        help="a Megatron-Bridge venv (bench/sidebyside): measure it side by side on the workloads")
+    parser.add_argument("--workloads", default="w1_llama,w2_qwen3moe,w3_gemma4", help="side-by-side workloads")
+    parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds (interleaved)")
+    parser.add_argument("--sidebyside-tp", default="1,2", help="side-by-side TP sizes")
+    parser.add_argument("--no-e2e", dest="e2e", action="store_false", help="side by side: in process only")
+    parser.add_argument("--no-sidebyside", dest="sidebyside", action="store_false")
+    parser.add_argument("--sidebyside-only", action="store_true", help="skip the Gemma 4 26B-A4B slice")
+    parser.add_argument("--results", default=str(HERE / "results"), help="latest.json / latest.md (committed)")
     args = parser.parse_args(argv)
+    if args.sidebyside_only:
+        return record(args, None)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -741,6 +752,38 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     print(f"total {results['total_s']:.0f} s; results in {out / 'results.json'} and {out / 'results.md'}")
+    return record(args, results)
+
+
+def record(args, gemma_slice: dict | None) -> int:
+    """The side-by-side part (bench/sidebyside), then the record: <results>/latest.json and latest.md."""
+    sys.path.insert(0, str(HERE / "sidebyside"))
+    import orchestrate
+
+    latest = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": environment()}
+    if args.sidebyside:
+        mb_python = str(Path(args.mb_venv) / "bin" / "python") if args.mb_venv else None
+        if mb_python:
+            latest["environment"]["megatron-bridge venv"] = subprocess.run(
+                [mb_python, "-c", "import importlib.metadata as m; print(', '.join(n + ' ' + m.version(n) for n in "
+                 "('megatron-bridge', 'megatron-core', 'transformers', 'torch')))"],
+                capture_output=True, text=True).stdout.strip()
+        latest["sidebyside"] = orchestrate.run(Path(args.out) / "sidebyside", mb_python, args.workloads.split(","),
+                                               args.rounds, [int(t) for t in args.sidebyside_tp.split(",")], args.e2e)
+    if gemma_slice is not None:
+        latest["gemma4_26b_a4b_slice"] = gemma_slice
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    env = latest["environment"]
+    text = [f"# Latest bench run ({latest['when']})", "", f"Machine and versions: `{json.dumps(env)}`", ""]
+    if "sidebyside" in latest:
+        text.append(orchestrate.markdown(latest["sidebyside"]))
+    if gemma_slice is not None:
+        text += ["## Gemma 4 26B-A4B geometry, N layers", "", markdown(gemma_slice)]
+    (results / "latest.json").write_text(json.dumps(latest, indent=1, default=str) + "\n")
+    (results / "latest.md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+    print(f"record: {results / 'latest.json'}, {results / 'latest.md'}")
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -28,30 +27,7 @@ from .runtime import collectives, exporter, importer, manifests
 from .runtime.placement import Ranks
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
-
-SPEC_DIR = Path(str(resources.files("specbridge.specs")))
-
-
-def builtin_specs() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(SPEC_DIR.glob("*.yaml"))}
-
-
-def spec_for_architecture(architecture: str) -> Path:
-    for path in builtin_specs().values():
-        spec = compiler.load(path)
-        if any(a.name == architecture for a in spec.architectures):
-            return path
-    raise UsageError(f"no built-in spec serves architecture '{architecture}' "
-                     f"(built-in specs: {', '.join(builtin_specs())}); pass --spec")
-
-
-def resolve_spec_path(spec: str | Path | None, architecture: str | None) -> Path:
-    if spec is None:
-        if architecture is None:
-            raise UsageError("config.json names no architecture; pass --spec")
-        return spec_for_architecture(architecture)
-    builtin = builtin_specs()
-    return builtin[str(spec)] if str(spec) in builtin else Path(spec)
+from .spec_files import SPEC_DIR, builtin_specs, resolve_spec_path, spec_for_architecture  # noqa: F401
 
 
 def load_hf_config(source):

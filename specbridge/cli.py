@@ -165,8 +165,8 @@ def cmd_explain(args) -> int:
 
 def cmd_compile(args) -> int:
     from . import compiler
-    from .api import resolve_spec_path
     from .compiler.emit import emit_module
+    from .spec_files import resolve_spec_path
 
     path = resolve_spec_path(args.spec, None)
     Path(args.output).write_text(emit_module(compiler.load(path)))
