@@ -674,7 +674,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="w1_llama,w2_qwen3moe,w3_gemma4", help="side-by-side workloads")
     parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds (interleaved)")
     parser.add_argument("--sidebyside-tp", default="1,2", help="side-by-side TP sizes")
-    parser.add_argument("--no-e2e", dest="e2e", action="store_false", help="side by side: in process only")
+    parser.add_argument("--e2e-tp", default="1,2", help="side by side: TP sizes also run end to end ('' for none)")
+    parser.add_argument("--e2e-rounds", type=int, default=None, help="side by side: end to end in the first N rounds")
     parser.add_argument("--no-sidebyside", dest="sidebyside", action="store_false")
     parser.add_argument("--sidebyside-only", action="store_true", help="skip the Gemma 4 26B-A4B slice")
     parser.add_argument("--results", default=str(HERE / "results"), help="latest.json / latest.md (committed)")
@@ -769,7 +770,8 @@ def record(args, gemma_slice: dict | None) -> int:
                  "('megatron-bridge', 'megatron-core', 'transformers', 'torch')))"],
                 capture_output=True, text=True).stdout.strip()
         latest["sidebyside"] = orchestrate.run(Path(args.out) / "sidebyside", mb_python, args.workloads.split(","),
-                                               args.rounds, [int(t) for t in args.sidebyside_tp.split(",")], args.e2e)
+                                               args.rounds, [int(t) for t in args.sidebyside_tp.split(",")],
+                                               [int(t) for t in args.e2e_tp.split(",") if t], args.e2e_rounds)
     if gemma_slice is not None:
         latest["gemma4_26b_a4b_slice"] = gemma_slice
     results = Path(args.results)

@@ -135,8 +135,9 @@ def help_times(n: int = 5) -> list[float]:
     return [timed([sys.executable, "-m", "specbridge", "--help"], 60)["wall_s"] for _ in range(n)]
 
 
-def run(out: Path, mb_python: str | None, workloads=WORKLOADS, rounds: int = 3, tps=(1, 2), e2e: bool = True,
-        timeout: float = 900) -> dict:
+def run(out: Path, mb_python: str | None, workloads=WORKLOADS, rounds: int = 3, tps=(1, 2), e2e_tps=(1, 2),
+        e2e_rounds: int | None = None, timeout: float = 900) -> dict:
+    """Every round runs in process at every TP size; end to end at `e2e_tps` in the first `e2e_rounds` rounds."""
     ckpt_root, scratch = out / "workloads", out / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     maker = mb_python or sys.executable
@@ -148,7 +149,9 @@ def run(out: Path, mb_python: str | None, workloads=WORKLOADS, rounds: int = 3, 
         for name in workloads:
             for tp in tps:
                 print(f"[side by side] round {r + 1}/{rounds} {name} tp{tp} load {os.getloadavg()[0]:.1f}", flush=True)
-                runs = one_round(name, dirs[name], tp, mb_python, scratch, e2e, first_mb=bool(r % 2), timeout=timeout)
+                e2e = tp in e2e_tps and (e2e_rounds is None or r < e2e_rounds)
+                runs = one_round(name, dirs[name], tp, mb_python, scratch, e2e, first_mb=bool(r % 2),
+                                 timeout=timeout)
                 result["rounds"].append({"round": r, "workload": name, "tp": tp, "runs": runs})
     result["loadavg_end"] = os.getloadavg()
     result["help_s"] += help_times()
@@ -220,7 +223,8 @@ def summarize(result: dict) -> dict:
             s[f"e2e_{what}_vs_mb"].append(b / a if a and b else None)
         s["load1"] += [r["load1"] for r in runs.values() if isinstance(r, dict) and "load1" in r]
         s["exact"] += [r.get("exact") for k, r in runs.items() if "exact" in r]
-    return {key: {k: (_spread(v) if k != "exact" else {"bit_exact": sum(x is True for x in v), "of": len(v)})
+    return {key: {k: (_spread(v) if k != "exact" else {"bit_exact": sum(x is True for x in v),
+                                                            "of": sum(x is not None for x in v)})
                   for k, v in s.items()} for key, s in summary.items()}
 
 
