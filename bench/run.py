@@ -757,11 +757,14 @@ def main(argv=None) -> int:
 
 
 def record(args, gemma_slice: dict | None) -> int:
-    """The side-by-side part (bench/sidebyside), then the record: <results>/latest.json and latest.md."""
+    """The side-by-side part (bench/sidebyside), then the record: <results>/latest.json and latest.md (rewritten
+    after every side-by-side unit, so an interrupted run still leaves its figures)."""
     sys.path.insert(0, str(HERE / "sidebyside"))
     import orchestrate
 
     latest = {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": environment()}
+    if gemma_slice is not None:
+        latest["gemma4_26b_a4b_slice"] = gemma_slice
     if args.sidebyside:
         mb_python = str(Path(args.mb_venv) / "bin" / "python") if args.mb_venv else None
         if mb_python:
@@ -769,46 +772,29 @@ def record(args, gemma_slice: dict | None) -> int:
                 [mb_python, "-c", "import importlib.metadata as m; print(', '.join(n + ' ' + m.version(n) for n in "
                  "('megatron-bridge', 'megatron-core', 'transformers', 'torch')))"],
                 capture_output=True, text=True).stdout.strip()
+
+        def write_partial(partial):
+            write_record(args, dict(latest, sidebyside=partial))
+
         latest["sidebyside"] = orchestrate.run(Path(args.out) / "sidebyside", mb_python, args.workloads.split(","),
                                                args.rounds, [int(t) for t in args.sidebyside_tp.split(",")],
-                                               [int(t) for t in args.e2e_tp.split(",") if t], args.e2e_rounds)
-    if gemma_slice is not None:
-        latest["gemma4_26b_a4b_slice"] = gemma_slice
+                                               [int(t) for t in args.e2e_tp.split(",") if t], args.e2e_rounds,
+                                               on_unit=write_partial)
+    print(write_record(args, latest))
+    return 0
+
+
+def write_record(args, latest: dict) -> str:
+    import orchestrate
+
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    env = latest["environment"]
-    text = [f"# Latest bench run ({latest['when']})", "", f"Machine and versions: `{json.dumps(env)}`", ""]
+    text = [f"# Latest bench run ({latest['when']})", "", f"Machine and versions: `{json.dumps(latest['environment'])}`",
+            ""]
     if "sidebyside" in latest:
         text.append(orchestrate.markdown(latest["sidebyside"]))
-    if gemma_slice is not None:
-        text += ["## Gemma 4 26B-A4B geometry, N layers", "", markdown(gemma_slice)]
+    if "gemma4_26b_a4b_slice" in latest:
+        text += ["## Gemma 4 26B-A4B geometry, N layers", "", markdown(latest["gemma4_26b_a4b_slice"])]
     (results / "latest.json").write_text(json.dumps(latest, indent=1, default=str) + "\n")
     (results / "latest.md").write_text("\n".join(text) + "\n")
-    print("\n".join(text))
-    print(f"record: {results / 'latest.json'}, {results / 'latest.md'}")
-    return 0
-
-
-def worker_main(argv) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=("floor", "convert", "compile", "profile", "multirank"))
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--ep", type=int, default=1)
-    parser.add_argument("--dir")
-    parser.add_argument("--scratch")
-    parser.add_argument("--export-dir")
-    parser.add_argument("--drop-cache", action="store_true")
-    parser.add_argument("--verify", action="store_true")
-    parser.add_argument("--read-only", action="store_true")
-    args = parser.parse_args(argv)
-    result = {"floor": worker_floor, "convert": worker_convert, "compile": worker_compile,
-              "profile": worker_profile, "multirank": worker_multirank}[args.kind](args)
-    sys.stdout.flush()
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
-        sys.exit(worker_main(sys.argv[2:]))
-    sys.exit(main())
+    return "\n".join(text) + f"\nrecord: {results / 'latest.json'}, {results / 'latest.md'}"

@@ -136,8 +136,9 @@ def help_times(n: int = 5) -> list[float]:
 
 
 def run(out: Path, mb_python: str | None, workloads=WORKLOADS, rounds: int = 3, tps=(1, 2), e2e_tps=(1, 2),
-        e2e_rounds: int | None = None, timeout: float = 900) -> dict:
-    """Every round runs in process at every TP size; end to end at `e2e_tps` in the first `e2e_rounds` rounds."""
+        e2e_rounds: int | None = None, timeout: float = 900, on_unit=None) -> dict:
+    """Every round runs in process at every TP size; end to end at `e2e_tps` in the first `e2e_rounds` rounds.
+    `on_unit(partial result)` is called after each (round, workload, TP) unit, so a long run leaves a record."""
     ckpt_root, scratch = out / "workloads", out / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     maker = mb_python or sys.executable
@@ -153,6 +154,9 @@ def run(out: Path, mb_python: str | None, workloads=WORKLOADS, rounds: int = 3, 
                 runs = one_round(name, dirs[name], tp, mb_python, scratch, e2e, first_mb=bool(r % 2),
                                  timeout=timeout)
                 result["rounds"].append({"round": r, "workload": name, "tp": tp, "runs": runs})
+                if on_unit is not None:
+                    on_unit(dict(result, loadavg_end=os.getloadavg(), summary=summarize(result),
+                                 partial=f"{len(result['rounds'])} of {rounds * len(workloads) * len(tps)} units"))
     result["loadavg_end"] = os.getloadavg()
     result["help_s"] += help_times()
     result["summary"] = summarize(result)
@@ -270,6 +274,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {key} | {_f(s['sb_stream_GBps'], '')} | {_f(s['mb_stream_GBps'], '')} | "
                      f"{_f(s['stream_vs_mb'], '×')} |")
     h = result["help_s"]
+    if result.get("partial"):
+        lines += ["", f"Partial record: {result['partial']} done when this was written."]
     lines += ["", f"`specbridge --help`: median {statistics.median(h):.2f} s (min {min(h):.2f}, max {max(h):.2f}, "
               f"{len(h)} fresh processes).", ""]
     return "\n".join(lines)
