@@ -798,3 +798,28 @@ def write_record(args, latest: dict) -> str:
     (results / "latest.json").write_text(json.dumps(latest, indent=1, default=str) + "\n")
     (results / "latest.md").write_text("\n".join(text) + "\n")
     return "\n".join(text) + f"\nrecord: {results / 'latest.json'}, {results / 'latest.md'}"
+
+
+def worker_main(argv) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=("floor", "convert", "compile", "profile", "multirank"))
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--dir")
+    parser.add_argument("--scratch")
+    parser.add_argument("--export-dir")
+    parser.add_argument("--drop-cache", action="store_true")
+    parser.add_argument("--verify", action="store_true")
+    parser.add_argument("--read-only", action="store_true")
+    args = parser.parse_args(argv)
+    result = {"floor": worker_floor, "convert": worker_convert, "compile": worker_compile,
+              "profile": worker_profile, "multirank": worker_multirank}[args.kind](args)
+    sys.stdout.flush()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        sys.exit(worker_main(sys.argv[2:]))
+    sys.exit(main())

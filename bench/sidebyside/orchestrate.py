@@ -131,7 +131,7 @@ def one_round(name: str, hf_dir: Path, tp: int, mb_python: str | None, scratch: 
     return out
 
 
-def help_times(n: int = 5) -> list[float]:
+def help_times(n: int = 3) -> list[float]:
     return [timed([sys.executable, "-m", "specbridge", "--help"], 60)["wall_s"] for _ in range(n)]
 
 
