@@ -14,40 +14,93 @@ when not under torchrun).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from . import compiler
 from .compiler import ir
+from .compiler.invert import invert_config
 from .errors import ConversionError, SpecError, UsageError
-from .runtime import collectives, exporter, importer, manifests
+from .inputs import builtin_specs, spec_path
+from .runtime import collectives, dtypes, exporter, importer, manifests
 from .runtime.placement import Ranks
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
-from .spec_files import SPEC_DIR, builtin_specs, resolve_spec_path, spec_for_architecture  # noqa: F401
+
+
+
+def spec_for_architecture(architecture: str) -> Path:
+    for path in builtin_specs().values():
+        spec = compiler.load(path)
+        if any(a.name == architecture for a in spec.architectures):
+            return path
+    raise UsageError(f"no built-in spec serves architecture '{architecture}' "
+                     f"(built-in specs: {', '.join(builtin_specs())}); pass --spec")
+
+
+def resolve_spec_path(spec: str | Path | None, architecture: str | None) -> Path:
+    if spec is None:
+        if architecture is None:
+            raise UsageError("config.json names no architecture; pass --spec")
+        return spec_for_architecture(architecture)
+    return spec_path(spec)
 
 
 def load_hf_config(source):
     """An HF config from a checkpoint directory, a config.json path, or a config object."""
     if not isinstance(source, (str, Path)):
         return source
+    return hf_config_from_dict(read_config_json(source))
+
+
+def read_config_json(source: str | Path) -> dict:
+    """The `config.json` of a checkpoint directory (or that file itself), as written."""
+    path = Path(source)
+    file = path if path.is_file() else path / "config.json"
+    if not file.is_file():
+        raise UsageError(f"'{path}' does not exist or has no config.json")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"'{file}' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"'{file}' is not a JSON object")
+    return config
+
+
+def hf_config_from_dict(config: dict):
+    """transformers' config object for a config.json dict (its `model_type` picks the class)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    path = Path(source)
-    directory = path.parent if path.is_file() else path
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"'{path}' does not exist or has no config.json")
-    return AutoConfig.from_pretrained(str(directory))
+    try:
+        return AutoConfig.for_model(**config)
+    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
+        raise UsageError(f"the HF config (model_type {config.get('model_type')!r}) does not load: "
+                         f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+
+
+def portable_config(hf_config) -> dict:
+    """The config as a plain dict, without what names the machine (`_name_or_path`)."""
+    return {k: v for k, v in hf_config.to_dict().items() if k != "_name_or_path"}
 
 
 @dataclasses.dataclass
 class Converter:
+    """`source_config` is the source's `config.json` as written (an export writes it back with only what the
+    conversion changed); `source_dtype` the one dtype of the source checkpoint's tensors (the default parameter
+    dtype of `build_model`)."""
+
     spec_path: Path
     hf_config: object
     plan: ir.Plan
+    source_config: dict | None = None
+    source_dtype: torch.dtype | None = None
 
     @classmethod
     def from_config(cls, hf_config, spec=None, architecture: str | None = None, fmt: str | None = None):
@@ -62,16 +115,19 @@ class Converter:
     @classmethod
     def from_pretrained(cls, hf_dir, spec=None, architecture: str | None = None, fmt: str | None = None):
         """For an HF checkpoint directory; the on-disk format is detected from the keys when not given."""
-        hf_config = load_hf_config(hf_dir)
-        conv = cls.from_config(hf_config, spec, architecture, fmt)
-        if fmt is None:
-            conv = conv.with_format(detect_format(conv, CheckpointReader(hf_dir).keys()))
-        return conv
+        if spec is not None:
+            compiler.load(resolve_spec_path(spec, architecture))  # spec errors first, before any file is read
+        source_config = read_config_json(hf_dir)
+        conv = cls.from_config(hf_config_from_dict(source_config), spec, architecture, fmt)
+        reader = CheckpointReader(hf_dir)
+        conv = dataclasses.replace(conv, source_config=source_config, source_dtype=dtypes.uniform(reader))
+        return conv.with_format(detect_format(conv, reader.keys())) if fmt is None else conv
 
     def with_format(self, fmt: str) -> "Converter":
         if fmt == self.plan.format:
             return self
-        return Converter.from_config(self.hf_config, self.spec_path, self.plan.architecture, fmt)
+        other = Converter.from_config(self.hf_config, self.spec_path, self.plan.architecture, fmt)
+        return dataclasses.replace(self, plan=other.plan)
 
     @property
     def spec(self):
@@ -85,34 +141,47 @@ class Converter:
 
     # ------------------------------------------------------------ proofs
     def manifests(self, chunks=None) -> tuple[ir.Manifest, ir.Manifest]:
+        """Both sides' (key, shape, dtype). Without `chunks`, the Megatron model is built on the meta device:
+        shapes only, no memory, at any size (the HF model is always instantiated on meta)."""
         hf = manifests.hf_manifest(self.plan.architecture, self.hf_config, self.plan.format, self.spec.formats)
-        chunks = chunks if chunks is not None else self.build_model()
+        chunks = chunks if chunks is not None else self.build_model(device="meta")
         return hf, manifests.mcore_manifest(chunks, self.plan.model)
 
-    def check(self, chunks=None) -> ir.Plan:
+    def check(self, chunks=None, manifests: tuple[ir.Manifest, ir.Manifest] | None = None) -> ir.Plan:
         """Prove coverage, uniqueness and shapes against both manifests (a `SpecError` otherwise)."""
         spec = self.spec
-        return compiler.check(self.plan, *self.manifests(chunks), sources={spec.file: spec.source})
+        return compiler.check(self.plan, *(manifests or self.manifests(chunks)), sources={spec.file: spec.source})
 
     # ------------------------------------------------------------ models and weights
-    def build_model(self, params_dtype=None, extra_transformer: dict | None = None) -> list:
-        """This rank's model chunk(s); `extra_transformer` adds TransformerConfig fields the spec does not set
-        (e.g. `num_layers_in_first_pipeline_stage` for an uneven pipeline split)."""
-        return build_chunks(self.plan, self.text_config, params_dtype, extra_transformer)
+    def build_model(self, params_dtype=None, extra_transformer: dict | None = None, device=None) -> list:
+        """This rank's model chunk(s), with parameters of `params_dtype` (default: the source checkpoint's dtype,
+        fp32 when unknown); `extra_transformer` adds TransformerConfig fields the spec does not set (e.g.
+        `num_layers_in_first_pipeline_stage` for an uneven pipeline split). `device="meta"`: parameters without
+        storage (what a manifest needs)."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return build_chunks(self.plan, self.text_config, params_dtype or self.source_dtype, extra_transformer)
 
-    def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None) -> CheckpointReader:
+    def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None,
+                       cast: bool = False) -> CheckpointReader:
+        """Fill `chunks` from the HF checkpoint. A tensor whose dtype differs from its parameter's is converted
+        only when that keeps its values (bf16 -> fp32) or with `cast=True` (see `dtypes.import_casts`)."""
         reader = CheckpointReader(hf_dir)
+        if not cast:
+            dtypes.refuse_inexact(dtypes.import_casts(self.plan, reader, chunks[0].config.params_dtype))
         importer.import_weights(chunks, self.plan, reader, ranks or Ranks.current(), progress=progress)
         return reader
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
-                       max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress=None) -> Path:
-        """Write an HF checkpoint (safetensors + config.json), from all ranks at once when distributed: each
-        writing rank writes its own shard files, rank 0 the index and config; all into one staging directory
-        that becomes `out_dir` only when every rank succeeded."""
-        dtype = dtype or config_dtype(self.hf_config)
+                       max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress=None, carry=(),
+                       inputs=()) -> Path:
+        """Write an HF checkpoint (safetensors + config.json, and copies of the `carry` files), from all ranks at
+        once when distributed: each writing rank writes its own shard files, rank 0 the index and config; all
+        into one staging directory that becomes `out_dir` only when every rank succeeded. Tensors keep the
+        model's dtype unless `dtype` is given (a config's `dtype` never changes them). `overwrite` replaces an
+        earlier output of specbridge, never the `inputs` (see `collectives.check_output`)."""
         ranks = Ranks.current()
-        with collectives.staged_output(out_dir, overwrite) as staging:
+        dtype = dtype or chunks[0].config.params_dtype
+        with collectives.staged_output(out_dir, overwrite, inputs) as staging:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
             exporter.export_weights(chunks, self.plan, writer, ranks, hf_dtype=dtype, check_absent=check_absent,
                                     progress=progress)
@@ -121,6 +190,8 @@ class Converter:
                 weight_map = {k: f for m, _ in maps for k, f in m.items()}
                 finalize(staging, weight_map, sum(total for _, total in maps))
                 write_hf_config(self, chunks, staging, dtype)
+                for path in carry:
+                    shutil.copyfile(path, staging / Path(path).name)
         return Path(out_dir)
 
     def iter_hf_weights(self, chunks, bucket_bytes: int = 512 << 20, dtype: torch.dtype | None = None,
@@ -146,41 +217,55 @@ def detect_format(conv: Converter, keys: set[str]) -> str:
     formats = conv.spec.formats
     if len(formats) == 1:
         return formats[0]
+    missing = {}
     for fmt in formats:
         plan = conv.with_format(fmt).plan
         if plan.hf_keys() <= keys:
             return fmt
+        missing[fmt] = sorted(plan.hf_keys() - keys)
+    closest = min(formats, key=lambda f: len(missing[f]))
+    lacks = missing[closest]
+    more = f" and {len(lacks) - 1} more" if len(lacks) > 1 else ""
     raise ConversionError(f"the checkpoint's keys match none of the formats {list(formats)} of spec "
-                          f"'{conv.plan.spec}'")
+                          f"'{conv.plan.spec}': the closest, '{closest}', needs '{lacks[0]}'{more}, which the "
+                          f"checkpoint lacks", key=lacks[0])
 
 
 def hf_config_from_mcore(conv: Converter, transformer_config) -> dict:
     """The HF config dict for export: the source config with every invertible field written back from the
-    Megatron model's own config (the config mapping run backwards)."""
-    full = conv.hf_config.to_dict()
+    Megatron model's own config (`compiler.invert.invert_config`: the config mapping run backwards)."""
     arch = next(a for a in conv.spec.architectures if a.name == conv.plan.architecture)
-    target = full[arch.config] if arch.config and isinstance(full.get(arch.config), dict) else full
-    for entry in conv.plan.config:
-        if entry.hf_path is None or entry.section != "transformer":
-            continue
-        value = getattr(transformer_config, entry.field, entry.value)
-        if isinstance(entry.value, (bool, int, float, str)) and not callable(value):
-            _set_path(target, entry.hf_path, value)
-    full["architectures"] = [conv.plan.architecture]
-    return full
+    return invert_config(conv.plan, conv.hf_config.to_dict(), arch.config, transformer_config)
 
 
-def _set_path(target: dict, path: str, value) -> None:
-    *heads, last = path.split(".")
-    for head in heads:
-        target = target.setdefault(head, {})
-    target[last] = value
+def _as_source(written, source, defaults, aliases=None):
+    """`written` restricted to the keys of `source`, plus the keys it adds whose value is not transformers' default
+    (recursively through nested configs); a key written under an alias (`attribute_map`) lands on its real name."""
+    if not isinstance(written, dict) or not isinstance(source, dict):
+        return written
+    defaults = defaults if isinstance(defaults, dict) else {}
+    out = {k: _as_source(written[k], v, defaults.get(k)) if k in written else v for k, v in source.items()}
+    for key, value in written.items():
+        real = (aliases or {}).get(key, key)
+        if real != key and real in source:
+            out[real] = value
+        elif key not in source and value != defaults.get(key):
+            out[key] = value
+    return out
 
 
 def write_hf_config(conv: Converter, chunks, directory: Path, dtype) -> None:
+    """config.json: the source's as written, with only what the conversion changed (the fields written back from
+    the Megatron config, the dtype of the tensors)."""
     config = hf_config_from_mcore(conv, chunks[0].config)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
+    if conv.source_config is not None:
+        config = _as_source(config, conv.source_config, conv.hf_config.to_dict(),
+                            getattr(conv.hf_config, "attribute_map", None))
+        if "torch_dtype" in config and "dtype" in config:
+            config["torch_dtype"] = config["dtype"]
+    config.pop("_name_or_path", None)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

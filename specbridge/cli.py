@@ -11,14 +11,21 @@
 
 Every command runs multi-rank under torchrun with --tp/--pp/--ep/--etp/--vpp; progress shows on rank 0 only.
 Spec and checkpoint errors are printed without a traceback, and the exit status is 2.
+
+Start-up: this module imports only the standard library; input paths are checked (`specbridge.inputs`) before a
+command imports torch, megatron-core or transformers, so `--help` and a wrong path answer at once. Warnings
+of the dependencies that the user cannot act on (megatron-core's "Transformer Engine and Apex are not
+installed", its internal deprecations) are silenced unless `--verbose`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specbridge", description="Proved-correct weight conversion between "
                                      "Hugging Face Transformers and Megatron-Core.")
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="also show the dependencies' warnings (e.g. megatron-core's missing Transformer Engine)")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # every command takes --verbose
 
     def parallel_flags(p):
         for flag in ("tp", "pp", "ep"):
@@ -56,20 +68,28 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="emit a standalone bridge module")
     p.add_argument("spec")
     p.add_argument("-o", "--output", required=True)
+    overwrite_help = "replace OUT if it holds an earlier output of specbridge (and nothing else)"
+    dtype_choices = ("float32", "bfloat16", "float16")
     p = sub.add_parser("import", help="HF checkpoint -> Megatron distributed checkpoint")
     p.add_argument("hf_dir")
     p.add_argument("out")
     spec_flags(p, False)
     parallel_flags(p)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", choices=dtype_choices, default=None,
+                   help="parameter dtype (default: the checkpoint's; every tensor cast is reported)")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p = sub.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint")
     p.add_argument("mcore_dir")
     p.add_argument("out")
     parallel_flags(p)
+    p.add_argument("--spec", default=None, help="the spec the checkpoint was written with (default: the recorded "
+                   "one; its content digest must match the checkpoint's record)")
     p.add_argument("--format", default=None, help="HF on-disk format to write (default: the one imported)")
+    p.add_argument("--dtype", choices=dtype_choices, default=None,
+                   help="HF tensor dtype (default: the Megatron checkpoint's)")
     p.add_argument("--absent", choices=("check", "drop"), default="check",
                    help="absent projections: assert they still follow their policy (default) or drop them")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF; exit 0 only if bit-exact")
     p.add_argument("hf_dir")
     spec_flags(p, False)
@@ -80,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     spec_flags(p, False)
     parallel_flags(p)
     p.add_argument("--atol", type=float, default=None, help="also require max |logit diff| <= ATOL")
-    p.add_argument("--min-cosine", type=float, default=0.99999)
-    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--min-cosine", type=float, default=None, help="require cosine >= this (default 0.99999)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence compared (default 32)")
     p = sub.add_parser("demo", help="convert an embedded tiny model HF -> Megatron -> HF and prove it")
     p.add_argument("--family", default="qwen3_moe", choices=DEMO_FAMILIES, help="the embedded tiny model")
     return parser
@@ -89,9 +109,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_dependencies(args.verbose)
     from .errors import SpecbridgeError, SpecError
 
     try:
+        _check_inputs(args)
         return COMMANDS[args.command](args)
     except SpecError as exc:  # a user's mistake: one clean report, exit 2; anything else is a bug (traceback)
         print(exc.render(), file=sys.stderr)
@@ -102,6 +124,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------- helpers
+
+# (module, category, message) of warnings nobody running the command can act on: how megatron-core was
+# installed (no Transformer Engine or Apex on a CPU machine), its internal deprecations, and the deprecations
+# torch's distributed checkpointing raises for megatron-core's own calls
+QUIET_WARNINGS = (
+    (r"megatron(\..*)?$", Warning, ""),
+    (r"torch\.distributed\.checkpoint(\..*)?$", FutureWarning, ""),
+)
+
+
+def _quiet_dependencies(verbose: bool) -> None:
+    """Install the warning filters before megatron-core is imported (its warnings fire at import time)."""
+    if verbose:
+        return
+    for module, category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+def _check_inputs(args) -> None:
+    """The paths a command reads, checked before it imports anything heavy (a wrong path answers at once); a
+    spec is also parsed and validated first (its errors come before any other file is read, as in the API)."""
+    from . import compiler, inputs
+
+    if getattr(args, "spec", None) is not None:
+        compiler.load(inputs.spec_path(args.spec))
+    for name in ("config", "hf_dir"):
+        if getattr(args, name, None) is not None:
+            inputs.hf_config_dir(getattr(args, name))
+    if getattr(args, "mcore_dir", None) is not None:
+        inputs.existing_dir(args.mcore_dir)
 
 
 def _init(args):
@@ -143,9 +196,14 @@ def _converter_from_args(args, config_source):
 
 def cmd_check(args) -> int:
     _init(args)
-    conv = _converter_from_args(args, args.config)
-    plan = conv.check()
-    hf, mcore = conv.manifests()
+    if args.format is None and Path(args.config).is_dir():  # a checkpoint: its on-disk format, as import detects it
+        from .api import Converter
+
+        conv = Converter.from_pretrained(args.config, args.spec, args.architecture)
+    else:
+        conv = _converter_from_args(args, args.config)
+    hf, mcore = conv.manifests()  # the Megatron model on the meta device: no memory at any size
+    plan = conv.check(manifests=(hf, mcore))
     tied = sum(1 for s in plan.sentinels)
     _say(f"{plan.spec} ({plan.architecture}, format '{plan.format}'): coverage proved")
     _say(f"  hf:    {len(hf.tensors)} tensors, each consumed exactly once or named by a sentinel")
@@ -166,49 +224,65 @@ def cmd_explain(args) -> int:
 def cmd_compile(args) -> int:
     from . import compiler
     from .compiler.emit import emit_module
-    from .spec_files import resolve_spec_path
+    from .inputs import spec_path
 
-    path = resolve_spec_path(args.spec, None)
+    path = spec_path(args.spec)
     Path(args.output).write_text(emit_module(compiler.load(path)))
     print(f"wrote {args.output} from {path}")
     return 0
 
 
 def cmd_import(args) -> int:
-    from .api import Converter
-    from .runtime import mcore_checkpoint
+    from .api import Converter, builtin_specs
+    from .runtime import collectives, dtypes, mcore_checkpoint
+    from .runtime.safetensors_io import CheckpointReader
 
+    collectives.check_output(args.out, args.overwrite, inputs=[args.hf_dir])  # before any work
     topology = _init(args)
     conv = Converter.from_pretrained(args.hf_dir, args.spec, args.architecture, args.format)
-    chunks = conv.build_model()
+    reader = CheckpointReader(args.hf_dir)
+    params_dtype = dtypes.parse_choice(args.dtype) or dtypes.checkpoint_dtype(reader)
+    casts = dtypes.import_casts(conv.plan, reader, params_dtype)
+    chunks = conv.build_model(params_dtype=params_dtype)
     update, close = _progress(len(conv.plan.mappings), "import")
-    conv.import_weights(chunks, args.hf_dir, progress=update)
+    conv.import_weights(chunks, args.hf_dir, progress=update, cast=args.dtype is not None)
     close()
-    metadata = {"spec": str(conv.spec_path), "spec_name": conv.plan.spec, "digest": conv.plan.digest,
-                "architecture": conv.plan.architecture, "format": conv.plan.format,
-                "hf_config": conv.hf_config.to_dict(),
-                "written_with": {"tp": topology.tp_size, "pp": topology.pp_size, "ep": topology.ep_size}}
-    mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite)
-    _say(f"import: {args.hf_dir} -> {args.out} (megatron-core dist checkpoint, {len(conv.plan.mappings)} tensors)")
+    builtin = conv.spec_path.resolve() in {p.resolve() for p in builtin_specs().values()}
+    metadata = mcore_checkpoint.conversion_metadata(conv.plan, conv.spec_path.stem if builtin else conv.plan.spec,
+                                                    builtin, conv.source_config, params_dtype, topology)
+    mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite, spec_text=conv.spec_path.read_text(),
+                          hf_dir=args.hf_dir, model_kwargs=conv.plan.model_kwargs())
+    if casts:
+        _say(f"import: {dtypes.summary(casts)}")
+    _say(f"import: {args.hf_dir} -> {args.out} (Megatron checkpoint, {dtypes.short(params_dtype)}, "
+         f"{len(conv.plan.mappings)} tensors)")
     return 0
 
 
 def cmd_export(args) -> int:
-    from transformers import AutoConfig
+    import dataclasses
 
-    from .api import Converter
-    from .runtime import mcore_checkpoint
+    from .api import Converter, hf_config_from_dict
+    from .runtime import collectives, dtypes, mcore_checkpoint
 
+    collectives.check_output(args.out, args.overwrite, inputs=[args.mcore_dir])  # before any work
+    wanted = dtypes.parse_choice(args.dtype)
     _init(args)
     meta = mcore_checkpoint.read_metadata(args.mcore_dir)
-    hf_config = AutoConfig.for_model(**meta["hf_config"])
-    conv = Converter.from_config(hf_config, meta["spec"], meta["architecture"], args.format or meta["format"])
-    chunks = conv.build_model()
+    spec = mcore_checkpoint.recorded_spec(args.mcore_dir, meta, args.spec)
+    conv = Converter.from_config(hf_config_from_dict(meta["hf_config"]), spec, meta["architecture"],
+                                 args.format or meta["format"])
+    conv = dataclasses.replace(conv, source_config=meta["hf_config"])
+    params_dtype = dtypes.CHOICES.get(meta.get("dtype")) or mcore_checkpoint.tensor_dtype(args.mcore_dir)
+    chunks = conv.build_model(params_dtype=params_dtype)
     mcore_checkpoint.load(chunks, args.mcore_dir)
     update, close = _progress(len(conv.plan.mappings), "export")
-    conv.export_weights(chunks, args.out, check_absent=args.absent == "check", overwrite=args.overwrite,
-                        progress=update)
+    conv.export_weights(chunks, args.out, dtype=wanted, check_absent=args.absent == "check", overwrite=args.overwrite,
+                        progress=update, carry=mcore_checkpoint.carried_files(args.mcore_dir, meta),
+                        inputs=[args.mcore_dir])
     close()
+    if wanted is not None and wanted != chunks[0].config.params_dtype:
+        _say(f"export: cast every tensor {dtypes.short(chunks[0].config.params_dtype)} -> {dtypes.short(wanted)}")
     _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}')")
     return 0
 
@@ -225,12 +299,13 @@ def cmd_roundtrip(args) -> int:
 
 
 def cmd_parity(args) -> int:
-    from .verify import parity
+    from .verify import MIN_COSINE, parity
 
     _init(args)
     result = parity(args.hf_dir, spec=args.spec, seq_len=args.seq_len)
-    _say(result.summary())
-    return 0 if result.ok(args.min_cosine, args.atol) else 1
+    min_cosine = MIN_COSINE if args.min_cosine is None else args.min_cosine
+    _say(result.summary(min_cosine, args.atol))
+    return 0 if result.ok(min_cosine, args.atol) else 1
 
 
 def cmd_demo(args) -> int:

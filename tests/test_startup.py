@@ -1,37 +1,93 @@
-"""Start-up: a command loads the heavy libraries only when it needs them. `compile` needs neither torch,
-megatron-core nor transformers; `explain` reads an HF config (transformers) but builds no model (no
-megatron-core). Checked in fresh interpreters (what is imported, never how long it takes)."""
+"""Start-up of the command line: `--help` and a wrong path answer without importing torch, megatron-core or
+transformers; a command's output carries none of the dependencies' warnings the user cannot act on, unless
+`--verbose`."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "megatron.core", "transformers")
+HEAVY = ("torch", "megatron", "transformers")
+PROBE = """
+import json, sys
+from specbridge.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print(json.dumps({"code": code, "heavy": sorted({m.split('.')[0] for m in sys.modules} & set(%r))}))
+""" % (HEAVY,)
 
 
-def loaded_after(argv: list[str]) -> dict[str, bool]:
-    code = ("import json, sys\nfrom specbridge import cli\nrc = cli.main(%r)\n"
-            "print(json.dumps({'rc': rc, **{m: m in sys.modules for m in %r}}))" % (argv, HEAVY))
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def run(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0), (["check", "--help"], 0), (["roundtrip", "/nonexistent/hf"], 2),
+    (["check", "llama", "--config", "/nonexistent/config.json"], 2), (["export", "/nonexistent/mcore", "out"], 2),
+    (["compile", "/nonexistent/spec.yaml", "-o", "bridge.py"], 2), (["import", "/nonexistent", "out"], 2),
+])
+def test_help_and_wrong_paths_import_nothing_heavy(argv, code, tmp_path):
+    done = run("-c", PROBE, *argv, cwd=tmp_path)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result == {"code": code, "heavy": []}, done.stderr
+    if code == 2:
+        assert "/nonexistent" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny")
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}))
+    return directory
+
+
+def test_a_command_prints_no_dependency_warnings(tiny_config):
+    done = run("-m", "specbridge", "check", "llama", "--config", str(tiny_config))
+    assert done.returncode == 0 and "coverage proved" in done.stdout, done.stderr
+    assert "Transformer Engine" not in done.stderr and "Apex" not in done.stderr
+    assert "warn" not in done.stderr.lower(), done.stderr
+
+
+def test_verbose_keeps_them(tiny_config):
+    done = run("-m", "specbridge", "check", "llama", "--config", str(tiny_config), "--verbose")
+    assert done.returncode == 0, done.stderr
+    assert "Apex is not installed" in done.stderr
+
+
+def test_the_filters_silence_megatron_only():
+    from specbridge.cli import _quiet_dependencies
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _quiet_dependencies(verbose=False)
+        warnings.warn_explicit("Apex is not installed", UserWarning, "backends.py", 1, module="megatron.core.x")
+        warnings.warn_explicit("a user's own warning", UserWarning, "mine.py", 1, module="mine")
+    assert [str(w.message) for w in seen] == ["a user's own warning"]
 
 
 def test_compile_loads_no_heavy_library(tmp_path):
-    loaded = loaded_after(["compile", "llama", "-o", str(tmp_path / "bridge.py")])
-    assert loaded == {"rc": 0, "torch": False, "megatron.core": False, "transformers": False}
+    done = run("-c", PROBE, "compile", "llama", "-o", str(tmp_path / "bridge.py"), cwd=tmp_path)
+    assert json.loads(done.stdout.splitlines()[-1]) == {"code": 0, "heavy": []}, done.stderr
     assert (tmp_path / "bridge.py").read_text().strip()
 
 
-def test_explain_builds_no_model(tmp_path):
-    from tests.support import tiny_model
-
-    tiny_model("llama").config.save_pretrained(str(tmp_path))
-    loaded = loaded_after(["explain", "llama", "--config", str(tmp_path),
-                           "decoder.layers.0.self_attention.linear_qkv.weight"])
-    assert loaded["rc"] == 0 and loaded["transformers"] and not loaded["megatron.core"]
+def test_explain_builds_no_model(tiny_config, tmp_path):
+    """`explain` reads the HF config (transformers) but builds no model (no megatron-core)."""
+    probe = PROBE.replace("{m.split('.')[0] for m in sys.modules}", "set(sys.modules)").replace(
+        repr(HEAVY), repr(("torch", "megatron.core", "transformers")))
+    done = run("-c", probe, "explain", "llama", "--config", str(tiny_config),
+               "decoder.layers.0.self_attention.linear_qkv.weight", cwd=tmp_path)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["code"] == 0 and "megatron.core" not in result["heavy"], done.stderr

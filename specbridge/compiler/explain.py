@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import UsageError
-from . import ir
+from . import ir, ops
 
 
 def _rule_text(span, source: str) -> str:
@@ -23,29 +23,10 @@ def _describe(m: ir.Mapping, source: str) -> list[str]:
         out.append(f"  layout: {m.layout.text}   (parts {parts}{'; ' + sizes if sizes else ''})")
     shard = m.shard.kind if m.shard.kind != "axis" else f"axis '{m.shard.axis or m.shard.dim}' (dim {m.shard.dim})"
     out.append(f"  tensor parallel: {shard}")
-    out.append("  hf_to_mcore: " + (" ; ".join(_op(op) for op in m.hf_to_mcore) or "rename"))
-    out.append("  mcore_to_hf: " + (" ; ".join(_op(op) for op in m.mcore_to_hf) or "rename") + "   (derived)")
+    out.append("  hf_to_mcore: " + ops.describe(m.hf_to_mcore))
+    out.append("  mcore_to_hf: " + ops.describe(m.mcore_to_hf) + "   (derived)")
     out.append(f"  exact round trip: {'yes' if m.exact else 'up to rounding'}")
     return out
-
-
-def _op(op) -> str:
-    match op:
-        case ir.Fuse():
-            return "fuse parts by layout"
-        case ir.Split():
-            return "split into parts by layout"
-        case ir.FillAbsent(part=p, policy=policy, source_part=src):
-            return f"ABSENT_PROJECTION {p} := " + (f"copy of {src}" if policy == "copy_of" else "zeros")
-        case ir.CheckAbsent(part=p, policy=policy, source_part=src):
-            return f"assert {p} == " + (src if policy == "copy_of" else "0") + f", drop {p}"
-        case ir.AddConst(value=v):
-            return f"add {v:g}"
-        case ir.Cast(dtype=d):
-            return f"cast to {d}"
-        case ir.ScaleBy(key=k, invert=inv):
-            return f"{'divide' if inv else 'multiply'} by {k}"
-    return repr(op)
 
 
 def explain(plan: ir.Plan, name: str, source: str = "") -> str:

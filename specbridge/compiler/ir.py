@@ -2,15 +2,18 @@
 
 A `Mapping` ties one Megatron tensor to the HF tensors it is made of, with the layout that fuses them, the axis
 tensor parallelism splits, the absent parts and the numeric ops. Its `hf_to_mcore` program is what the spec wrote;
-its `mcore_to_hf` program is derived by the invert pass. `Sentinel`s name keys that exist on one side only.
+its `mcore_to_hf` program is derived by the invert pass (the op nodes and what each op means are declared in
+`compiler/ops.py`). `Sentinel`s name keys that exist on one side only.
 A `Plan` is the checked, ordered result the runtime executes; it never refers back to the parser.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..dsl.diagnostics import Span
+from .ops import AddConst, Cast, CheckAbsent, FillAbsent, Fuse, Op, ScaleBy, Split  # noqa: F401  (the op nodes)
 
 HF, MCORE = "hf", "mcore"
 HF_TO_MCORE, MCORE_TO_HF = "hf_to_mcore", "mcore_to_hf"
@@ -54,62 +57,6 @@ class Shard:
     dim: int | None = None
 
 
-# ---------------------------------------------------------------- ops (a program is a tuple of these)
-
-
-@dataclass(frozen=True, slots=True)
-class Fuse:
-    """parts -> one tensor, by the layout. Inverse: Split."""
-
-    layout: Layout
-
-
-@dataclass(frozen=True, slots=True)
-class Split:
-    layout: Layout
-
-
-@dataclass(frozen=True, slots=True)
-class FillAbsent:
-    """Import: part `part` does not exist on the HF side; fill it by `policy` ("copy_of" a sibling, or "zeros")."""
-
-    part: str
-    policy: str
-    source_part: str | None
-    span: Span
-
-
-@dataclass(frozen=True, slots=True)
-class CheckAbsent:
-    """Export: assert `part` still follows its policy, then discard it (the HF side has no such tensor)."""
-
-    part: str
-    policy: str
-    source_part: str | None
-    span: Span
-
-
-@dataclass(frozen=True, slots=True)
-class AddConst:
-    value: float
-
-
-@dataclass(frozen=True, slots=True)
-class Cast:
-    dtype: str  # "float32", "bfloat16", ... ; "source" means: back to the dtype read from the HF file
-
-
-@dataclass(frozen=True, slots=True)
-class ScaleBy:
-    """Multiply (or divide, when `invert`) by another tensor of the same side, named by its key on that side."""
-
-    key: str
-    invert: bool = False
-
-
-Op = Fuse | Split | FillAbsent | CheckAbsent | AddConst | Cast | ScaleBy
-
-
 @dataclass(frozen=True, slots=True)
 class Mapping:
     rule: int
@@ -121,7 +68,7 @@ class Mapping:
     mcore_to_hf: tuple[Op, ...] = ()
     layer: int | None = None
     expert: int | None = None
-    exact: bool = True  # False when an op is exact only up to rounding (add of a constant, scale by a tensor)
+    exact: bool = True  # False when an op is exact only up to rounding (`ops.exact`: add, scale, a narrowing cast)
 
     @property
     def layout(self) -> Layout | None:
@@ -142,6 +89,18 @@ class Sentinel:
     reason: str
     rule: int
     span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Subtree:
+    """A whole module subtree mapped 1:1 (same tail, same shape, replicated): every HF tensor `hf_prefix + tail`
+    is the Megatron tensor `mcore_prefix + tail`. Expanded into ordinary mappings by `expand_subtrees` against
+    the HF keys (a manifest or a checkpoint), since the spec does not list the names below the prefix."""
+
+    rule: int
+    span: Span
+    hf_prefix: str  # ends with "."
+    mcore_prefix: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +141,7 @@ class Plan:
     num_layers: int
     num_experts: int
     stacks: tuple[tuple[str, int], ...] = field(default=())  # stacked HF keys and their lengths
+    subtrees: tuple[Subtree, ...] = field(default=())  # not yet expanded (see `expand_subtrees`)
 
     def transformer_kwargs(self) -> dict:
         return {e.field: e.value for e in self.config if e.section == "transformer"}
@@ -194,6 +154,24 @@ class Plan:
 
     def hf_keys(self) -> set[str]:
         return {s.key for m in self.mappings for s in m.sources if s.part not in m.absent_parts}
+
+
+def order_key(m: Mapping) -> tuple:
+    """The plan order: non-layer tensors first, then layer by layer; within a layer by rule, then expert."""
+    return (m.layer is not None, m.layer or 0, m.rule, m.expert or 0, m.mcore)
+
+
+def expand_subtrees(plan: Plan, hf_keys) -> Plan:
+    """`plan` with each subtree replaced by one identity mapping per HF key under its prefix (in plan order).
+    Pure; a plan without subtrees is returned as it is."""
+    if not plan.subtrees:
+        return plan
+    keys = sorted(hf_keys)
+    extra = [Mapping(t.rule, t.span, t.mcore_prefix + key[len(t.hf_prefix):], (Source("x", key),),
+                     Shard("replicated"), ())
+             for t in plan.subtrees for key in keys if key.startswith(t.hf_prefix)]
+    mappings = tuple(sorted((*plan.mappings, *extra), key=order_key))
+    return dataclasses.replace(plan, mappings=mappings, subtrees=())
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,4 @@ from . import ir
 
 
 def order(plan: ir.Plan) -> ir.Plan:
-    def key(m: ir.Mapping):
-        return (m.layer is not None, m.layer or 0, m.rule, m.expert or 0, m.mcore)
-
-    return dataclasses.replace(plan, mappings=tuple(sorted(plan.mappings, key=key)))
+    return dataclasses.replace(plan, mappings=tuple(sorted(plan.mappings, key=ir.order_key)))

@@ -1,8 +1,10 @@
 """Pass `validate` (the config-independent half of `check`): meaning errors that need no HF config.
 
 In: an `ast.Spec`. Out: the same spec, or a `SpecError` with every problem found: capture kinds and arity
-(each capture bound once with a kind, used on both sides), unknown references, sentinel and op names and
-arguments, absent parts and their policies, layouts against the rule's parts, shard axes, formats, and
+(each capture bound once with a kind, used on both sides), unknown references, expressions wrong by their form
+(`evaluate.static_problems`: underscore names, calls of anything but a function or symbol, recursive symbols),
+sentinel and op names and arguments (the op table), absent parts and their policies, layouts against the rule's
+parts, shard axes, formats, subtree rules (`.**` on both sides, no captures, nothing but the two patterns), and
 rules that would claim the same tensor.
 """
 
@@ -10,9 +12,12 @@ from __future__ import annotations
 
 from ..dsl import ast
 from ..dsl.diagnostics import DiagnosticSink
+from ..dsl.expressions import parse as parse_text
+from ..dsl.yaml_source import Located
+from . import ops
+from .evaluate import static_problems
 
 SENTINELS = {"tied": 1, "derived": 1, "ignored": 1}
-OPS = {"add": 1, "cast": 1, "scale": 1}
 ABSENT = "ABSENT_PROJECTION"
 CAPTURE_KINDS = ("layer", "expert")
 PARAMETERS = ("prefix",)
@@ -43,9 +48,13 @@ def _used(pattern: ast.Pattern) -> set[str]:
 def validate(spec: ast.Spec) -> ast.Spec:
     sink = DiagnosticSink({spec.file: spec.source})
     _check_symbols(spec, sink)
+    for span, message in static_problems(spec):  # underscore names, calls of non-functions, recursive symbols
+        sink.error(span, message)
     for rule in spec.rules:
         _check_captures(rule, sink)
-        if rule.sentinel is not None:
+        if any(p.subtree for p in _patterns(rule)):
+            _check_subtree(rule, sink)
+        elif rule.sentinel is not None:
             _check_sentinel(rule, sink)
         else:
             _check_mapping(rule, spec, sink)
@@ -117,6 +126,24 @@ def _check_sentinel(rule: ast.Rule, sink: DiagnosticSink) -> None:
             sink.error(rule.span, f"a sentinel rule cannot have '{key}'")
 
 
+def _check_subtree(rule: ast.Rule, sink: DiagnosticSink) -> None:
+    """`{hf: "a.**", mcore: "b.**"}` maps every tensor below `a.` to the same tail below `b.`, as it is."""
+    if rule.sentinel is not None or rule.mcore is None or len(rule.hf) != 1:
+        sink.error(rule.span, "a subtree rule ('.**') maps one hf pattern to one mcore pattern, both ending in '.**'")
+    for pattern in _patterns(rule):
+        if not pattern.subtree:
+            sink.error(pattern.span, "this pattern must end in '.**' too: a subtree maps to a subtree")
+        for piece in pattern.pieces():
+            if isinstance(piece, ast.Ref | ast.Capture) and piece.name not in PARAMETERS:
+                sink.error(piece.span, f"a subtree pattern cannot capture ('{piece.name}'): every name below the "
+                                       f"prefix maps 1:1 as it is")
+    for key, present in (("layout", rule.layout), ("absent", rule.absent), ("ops", rule.ops)):
+        if present:
+            sink.error(rule.span, f"a subtree rule cannot have '{key}': its tensors map 1:1, unchanged")
+    if rule.shard != "replicated":
+        sink.error(rule.shard_span, "a subtree rule is replicated: its tensors are not split by tensor parallelism")
+
+
 def _check_mapping(rule: ast.Rule, spec: ast.Spec, sink: DiagnosticSink) -> None:
     if rule.mcore is None or not rule.hf:
         sink.error(rule.span, "a mapping rule needs both 'mcore' and 'hf' (or a 'sentinel')")
@@ -182,17 +209,81 @@ def _check_absent(rule: ast.Rule, parts: list[str], sink: DiagnosticSink) -> Non
 
 
 def _check_ops(rule: ast.Rule, sink: DiagnosticSink) -> None:
+    captures = set(captures_of(rule)) | set(PARAMETERS)
     for call in rule.ops:
-        if call.name not in OPS:
-            sink.error(call.span, f"unknown op '{call.name}' (expected add, cast or scale)")
-        elif len(call.args) + len(call.kwargs) != OPS[call.name]:
-            sink.error(call.span, f"op '{call.name}' takes exactly one argument")
-        elif call.kwargs and (call.name, call.kwargs[0][0]) != ("scale", "by"):
-            sink.error(call.span, f"op '{call.name}' takes a positional argument"
-                                  f"{' or by=<pattern>' if call.name == 'scale' else ''}, not "
-                                  f"'{call.kwargs[0][0]}='")
-        elif call.name == "cast" and not isinstance(call.args[0], ast.Name | ast.Const):
-            sink.error(call.span, "cast takes a dtype name, e.g. cast(float32)")
+        row = ops.SPEC_OPS.get(call.name)
+        if row is None:
+            sink.error(call.span, f"unknown op '{call.name}' (expected {_listed(ops.SPEC_OPS)})")
+            continue
+        args, problems = op_arguments(call, row)
+        for span, message in problems:
+            sink.error(span, message)
+        for param, arg in zip(row.params, args):
+            if param.kind != "pattern":
+                continue
+            for piece in arg.pieces():
+                if not isinstance(piece, ast.Literal) and piece.name not in captures:
+                    sink.error(piece.span, f"'{piece.name}' in {row.name}({param.name}=...) is not a capture of "
+                                           f"this rule")
+
+
+def op_arguments(call: ast.Call, row: ops.OpDef) -> tuple[tuple, list]:
+    """The call's arguments in the row's parameter order, decoded by kind (an expression for "number", a dtype
+    name, a parsed `ast.Pattern`), and the (span, message) of what is wrong with them."""
+    count = {1: "one argument", 2: "two arguments"}.get(len(row.params), f"{len(row.params)} arguments")
+    if len(call.args) + len(call.kwargs) != len(row.params):
+        return (), [(call.span, f"op '{row.name}' takes exactly {count}: {_usage(row)}")]
+    for name, _ in call.kwargs:
+        if not any(p.name == name and p.keyword for p in row.params):
+            keywords = "".join(f" or {p.name}=<{p.kind}>" for p in row.params if p.keyword)
+            return (), [(call.span, f"op '{row.name}' takes a positional argument{keywords}, not '{name}='")]
+    positional, args, problems = list(call.args), [], []
+    for param in row.params:
+        expr = call.kwarg(param.name) if param.keyword else None
+        expr = expr if expr is not None else positional.pop(0)
+        decoded, problem = _ARGUMENT_KINDS[param.kind](expr)
+        if problem is not None:
+            problems.append((call.span, f"{row.name} takes {problem}"))
+        args.append(decoded)
+    return (tuple(args), []) if not problems else ((), problems)
+
+
+def _usage(row: ops.OpDef) -> str:
+    return f"{row.name}({', '.join(f'<{p.kind}>' for p in row.params)})"
+
+
+def _number_argument(expr):
+    if isinstance(expr, ast.Const) and (isinstance(expr.value, bool) or not isinstance(expr.value, int | float)):
+        return None, f"a number, got {expr.value!r}"
+    return expr, None
+
+
+def _dtype_argument(expr):
+    name = expr.id if isinstance(expr, ast.Name) else expr.value if isinstance(expr, ast.Const) else None
+    if not isinstance(name, str) or name not in ops.DTYPES:
+        shown = repr(name) if isinstance(name, str) else "an expression"
+        return None, f"a dtype name ({', '.join(ops.DTYPES)}), got {shown}"
+    return name, None
+
+
+def _pattern_argument(expr):
+    if not isinstance(expr, ast.Const) or not isinstance(expr.value, str):
+        shown = repr(expr.value) if isinstance(expr, ast.Const) else "an expression"
+        return None, f"a quoted tensor pattern, e.g. '{{prefix}}layers.{{i}}.scale', got {shown}"
+    pattern = parse_text(Located(expr.value, expr.span, quoted=True), "pattern")
+    if not isinstance(pattern, ast.Pattern):
+        return None, f"a tensor pattern ({pattern.message})"
+    if pattern.stack_index is not None or pattern.subtree:
+        return None, "a pattern naming one whole tensor (no [{...}] slice, no '.**')"
+    return pattern, None
+
+
+_ARGUMENT_KINDS = {"number": _number_argument, "dtype": _dtype_argument, "pattern": _pattern_argument}
+
+
+def _listed(names) -> str:
+    names = list(names)
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def _check_shard(rule: ast.Rule, sink: DiagnosticSink) -> None:
@@ -221,4 +312,4 @@ def _check_duplicates(spec: ast.Spec, sink: DiagnosticSink) -> None:
 
 def _shape_of(pattern: ast.Pattern) -> tuple:
     return tuple(tuple(p.text if isinstance(p, ast.Literal) else ("{}" if p.name not in PARAMETERS else p.name)
-                       for p in seg) for seg in pattern.segments)
+                       for p in seg) for seg in pattern.segments) + ((("**",),) if pattern.subtree else ())

@@ -111,6 +111,7 @@ class Pattern:
     stack_index: Ref | None  # `[{e}]`: the tensor is one slice of a stacked [E, ...] tensor
     text: str
     span: Span
+    subtree: bool = False  # `a.b.**`: every name below `a.b.` (a subtree rule maps them 1:1)
 
     def pieces(self):
         for segment in self.segments:

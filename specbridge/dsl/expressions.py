@@ -1,4 +1,5 @@
-"""Parse the small expressions inside a spec's YAML strings with the Lark grammar (`grammar.lark`).
+"""Parse the small texts inside a spec's YAML strings with the Lark grammar (`grammar.lark`), and build the AST
+of expressions (the AST of the other forms, patterns, layouts, calls and symbol heads, is built in `forms.py`).
 
 In: a `Located` YAML scalar and which start symbol to use. Out: an AST node (`dsl.ast`) whose spans point into
 the spec file (a caret under the exact characters), or a `Diagnostic` describing the syntax error.
@@ -10,13 +11,16 @@ import functools
 from importlib import resources
 
 import lark
-from lark import Transformer, v_args
+from lark import v_args
 
 from . import ast
 from .diagnostics import Diagnostic
+from .forms import FormsToAst, tag_when
 from .yaml_source import Located
 
 START_SYMBOLS = ("pattern", "expr", "layout", "call", "symdef")
+MAX_NESTING = 64  # levels of one expression (the AST is walked recursively; real specs nest a few levels)
+MAX_NUMBER_DIGITS = 40
 
 
 @functools.cache
@@ -27,8 +31,9 @@ def parser() -> lark.Lark:
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
-    """One short method per meaning; each binds straight to a frozen AST dataclass."""
+class _ToAst(FormsToAst):
+    """One short method per meaning; each binds straight to a frozen AST dataclass (expressions here, the other
+    forms in `forms.FormsToAst`)."""
 
     def __init__(self, source: Located):
         super().__init__()
@@ -100,95 +105,6 @@ class _ToAst(Transformer):
     def list_expr(self, meta, c):
         return ast.ListExpr(tuple(c), self._span(meta))
 
-    # patterns
-    def pattern(self, meta, c):
-        index = c[-1] if c and isinstance(c[-1], _StackRef) else None
-        segments = tuple(c[:-1] if index is not None else c)
-        stack = ast.Ref(index.name, index.span) if index is not None else None
-        return ast.Pattern(segments, stack, self.text, self._span(meta))
-
-    def segment(self, meta, c):
-        return tuple(c)
-
-    def literal(self, meta, c):
-        return ast.Literal(str(c[0]), self._tok_span(c[0]))
-
-    def ref(self, meta, c):
-        return ast.Ref(str(c[0]), self._span(meta))
-
-    def capture(self, meta, c):
-        return ast.Capture(str(c[0]), c[1], self._span(meta))
-
-    def kind(self, meta, c):
-        return tuple(str(t) for t in c)
-
-    def stack_index(self, meta, c):
-        return _StackRef(str(c[0]), self._span(meta))
-
-    # layouts
-    def layout(self, meta, c):
-        dims = tuple(d if isinstance(d, tuple) else (d,) for d in c if not isinstance(d, _Binding))
-        bindings = tuple((b.name, b.expr) for b in c if isinstance(b, _Binding))
-        return ast.Layout(dims, bindings, self.text, self._span(meta))
-
-    def axis(self, meta, c):
-        return ast.Axis(str(c[0]), self._tok_span(c[0]))
-
-    def group(self, meta, c):
-        return tuple(c)
-
-    def parts(self, meta, c):
-        return ast.Parts(tuple(c), self._span(meta))
-
-    def part(self, meta, c):
-        return ast.Part(str(c[0]), c[1] if len(c) > 1 else None, self._span(meta))
-
-    def binding(self, meta, c):
-        return _Binding(str(c[0]), c[1])
-
-    # calls
-    def call(self, meta, c):
-        name, rest = str(c[0]), c[1:]
-        when = rest.pop() if rest and isinstance(rest[-1], _When) else None
-        args = tuple(a.expr for a in rest if isinstance(a, _PosArg))
-        kwargs = tuple((a.name, a.expr) for a in rest if isinstance(a, _KwArg))
-        return ast.Call(name, args, kwargs, when.expr if when else None, self._span(meta))
-
-    def kwarg(self, meta, c):
-        return _KwArg(str(c[0]), c[1])
-
-    def posarg(self, meta, c):
-        return _PosArg(c[0])
-
-    def symdef(self, meta, c):
-        return (str(c[0]), tuple(str(t) for t in c[1:]))
-
-
-class _StackRef(ast.Ref):
-    __slots__ = ()
-
-
-class _Binding:
-    __slots__ = ("name", "expr")
-
-    def __init__(self, name, expr):
-        self.name, self.expr = name, expr
-
-
-class _KwArg(_Binding):
-    __slots__ = ()
-
-
-class _PosArg:
-    __slots__ = ("expr",)
-
-    def __init__(self, expr):
-        self.expr = expr
-
-
-class _When(_PosArg):
-    __slots__ = ()
-
 
 def parse(source: Located, start: str):
     """Parse one YAML scalar as `start`. Returns an AST node, or a `Diagnostic` on a syntax error."""
@@ -203,26 +119,30 @@ def parse(source: Located, start: str):
     except lark.exceptions.UnexpectedInput as exc:
         return Diagnostic(source.text_span(exc.line, exc.column, 1) if exc.line > 0 else source.span,
                           _syntax_message(exc, start, text))
+    refused = _too_large(tree)
+    if refused is not None:
+        where, message = refused
+        return Diagnostic(source.text_span(where.line, where.column, 1), message)
     if start == "call":
-        tree = _tag_when(tree)
+        tree = tag_when(tree)
     return _ToAst(source).transform(tree)
 
 
-def _tag_when(tree: lark.Tree) -> lark.Tree:
-    """Wrap the trailing `when` expression of a call so the transformer can tell it from arguments."""
-    children = list(tree.children)
-    if len(children) >= 2 and not (isinstance(children[-1], lark.Tree)
-                                   and children[-1].data in ("kwarg", "posarg")):
-        children[-1] = lark.Tree("when_clause", [children[-1]], children[-1].meta
-                                 if isinstance(children[-1], lark.Tree) else None)
-    return lark.Tree(tree.data, children, tree.meta)
+def _too_large(tree: lark.Tree):
+    """(token or tree meta, message) when the text nests deeper than `MAX_NESTING` or writes a number of more
+    than `MAX_NUMBER_DIGITS` digits; None otherwise (an iterative walk: no recursion on untrusted depth)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return node.meta, f"expression nests too deeply (more than {MAX_NESTING} levels)"
+        for child in node.children:
+            if isinstance(child, lark.Tree):
+                stack.append((child, depth + 1))
+            elif isinstance(child, lark.Token) and child.type == "NUMBER" and len(child) > MAX_NUMBER_DIGITS:
+                return child, f"number too long (more than {MAX_NUMBER_DIGITS} characters)"
+    return None
 
-
-def _when_clause(self, meta, c):
-    return _When(c[0])
-
-
-_ToAst.when_clause = v_args(meta=True)(_when_clause)
 
 _WHAT = {"pattern": "name pattern", "expr": "expression", "layout": "layout", "call": "call",
          "symdef": "symbol definition"}

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import ast
-from .diagnostics import Diagnostic, DiagnosticSink
+from specbridge.errors import SpecError, UsageError
+
+from .diagnostics import Diagnostic, DiagnosticSink, Span
 from .expressions import parse as parse_text
 from .yaml_source import Located, load_yaml
 
@@ -25,7 +27,22 @@ SINGLE_PART = "x"
 
 def load_spec(path: str | Path) -> ast.Spec:
     path = Path(path)
-    return parse_spec(path.read_text(), str(path))
+    return parse_spec(read_spec_text(path), str(path))
+
+
+def read_spec_text(path: Path) -> str:
+    """The text of a spec file; bytes that are not UTF-8 are a spanned error, not a traceback."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read spec '{path}': {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        before = data[:exc.start].decode("utf-8", errors="replace")
+        line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        raise SpecError([Diagnostic(Span(str(path), line, column), "the spec is not UTF-8 text (byte "
+                                    f"0x{data[exc.start]:02x})")]) from None
 
 
 def parse_spec(text: str, file: str = "<spec>") -> ast.Spec:
@@ -62,6 +79,15 @@ class _SpecReader:
             self.sink.error(node.span, f"{what} must be a non-empty string")
             return None
         return node.value
+
+    def field_name(self, node: Located, what: str) -> str | None:
+        """A config field name (e.g. `text_config`): an identifier not starting with `_`."""
+        value = node.value
+        if not isinstance(value, str) or not value.isidentifier() or value.startswith("_"):
+            self.sink.error(node.span, f"{what} must be the name of a config field (letters, digits, '_'; not "
+                                       f"starting with '_')")
+            return None
+        return value
 
     def parse(self, node: Located, start: str, what: str):
         if start == "expr" and isinstance(node.value, (bool, int, float)):
@@ -111,7 +137,8 @@ class _SpecReader:
             props = self.mapping(value, f"architecture '{name}'", ARCH_KEYS)
             prefix_node = self.required(props, "prefix", value, f"architecture '{name}'")
             prefix = prefix_node.value if prefix_node is not None and isinstance(prefix_node.value, str) else ""
-            config = props["config"][1].value if "config" in props else None
+            config = self.field_name(props["config"][1], f"architecture '{name}' config") if "config" in props \
+                else None
             archs.append(ast.Architecture(name, prefix, config, key.span))
         formats = ("default",)
         if "formats" in fields:

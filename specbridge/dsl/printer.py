@@ -104,6 +104,8 @@ def _const(value) -> str:
 
 def _pattern(node: ast.Pattern) -> str:
     text = ".".join("".join(_piece(p) for p in segment) for segment in node.segments)
+    if node.subtree:
+        return text + ".**"
     return text + (f"[{{{node.stack_index.name}}}]" if node.stack_index is not None else "")
 
 

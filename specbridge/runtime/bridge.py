@@ -1,102 +1,104 @@
-"""What a generated bridge module (`specbridge compile`) imports: the IR types, the invert and order passes, the
-op interpreter, and the few helpers its code calls.
+"""What a generated bridge module (`specbridge compile`) imports: the template and IR types, the compiler's own
+`resolve`, `invert` and `order` passes, the spec language's functions and config accessor, and the two
+conversions.
 
-A bridge module is the spec compiled to plain Python: it imports this module (and torch), never the spec file,
-the YAML or the expression parser. The helpers here mirror the interpreted compiler exactly (`evaluate`
-for config reads, `resolve` for architecture selection, sizes and stacks), so that a bridge's `plan()` equals
-`specbridge.compiler.compile_plan` for every HF config.
+A bridge module is a spec's rule templates printed as Python (see `compiler/emit.py`): it imports this module,
+never the spec file, the YAML reader or the expression parser (importing this module loads neither), and it
+runs exactly the passes the interpreted compiler runs, so its `plan()` equals `compile_plan` and its errors are
+the same `specbridge.errors` types. Expressions in a bridge read configs, call functions and compute through the
+evaluator's own accessor, function table and bounded operators (errors raised here without a place are placed
+by `resolve` at the expression that raised them).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping as AbcMapping
+from types import SimpleNamespace
 
+import torch
+
+from ..compiler import evaluate
+from ..compiler.evaluate import FUNCTIONS, call_function
 from ..compiler.invert import invert
-from ..compiler.ir import (
-    BRACKET,
-    AddConst,
-    Cast,
-    CheckAbsent,
-    ConfigEntry,
-    FillAbsent,
-    Fuse,
-    Layout,
-    Mapping,
-    Plan,
-    ScaleBy,
-    Sentinel,
-    Shard,
-    Source,
-    Span,
-    Split,
-    stacks_of,
-)
+from ..compiler.ir import BRACKET, Plan, Shard, Span, expand_subtrees
 from ..compiler.plan import order
-from ..errors import ConversionError
+from ..compiler.resolve import resolve
+from ..compiler.templates import (
+    EXPERT,
+    LAYER,
+    Absent,
+    Architecture,
+    ConfigTemplate,
+    Key,
+    LayoutTemplate,
+    MappingProduct,
+    OpCall,
+    Part,
+    Requirement,
+    Rule,
+    SentinelProduct,
+    SubtreeProduct,
+    Templates,
+    Value,
+)
 from .ops import run_export, run_import
 
+_NOWHERE = evaluate.UNKNOWN_SPAN  # resolve places an error raised here at the expression that raised it
+
 __all__ = [
-    "BRACKET", "AddConst", "Cast", "CheckAbsent", "ConfigEntry", "ConversionError", "FillAbsent", "Fuse", "Layout",
-    "Mapping", "Plan", "ScaleBy", "Sentinel", "Shard", "Source", "Span", "Split", "field", "invert", "order",
-    "pattern_key", "run_export", "run_import", "select_architecture", "size", "stacks_of", "text_config",
+    "BRACKET", "EXPERT", "LAYER", "Absent", "Architecture", "ConfigTemplate", "Key", "LayoutTemplate",
+    "MappingProduct", "OpCall", "Part", "Plan", "Requirement", "Rule", "SentinelProduct", "Shard", "Span",
+    "SubtreeProduct", "Templates", "Value", "apply", "expand_subtrees", "field", "fn", "hf_to_mcore", "invert",
+    "mcore_to_hf", "negate", "order", "resolve", "subscript",
 ]
-
-_MISSING = object()
-
-
-def _value(config, name: str):
-    if isinstance(config, AbcMapping):
-        return config.get(name, _MISSING)
-    return getattr(config, name, _MISSING)
 
 
 def field(config, name: str):
-    """A field of an HF config object or plain mapping (the spec's bare names and `a.b` attributes)."""
-    value = _value(config, name)
-    if value is _MISSING:
-        raise KeyError(f"'{name}' is not a field of {type(config).__name__}")
-    return value
+    """Field `name` of a config (a spec's bare name or `a.b`), read as the evaluator reads it."""
+    return evaluate.config_field(config, name, _NOWHERE)
 
 
-def size(value, name: str) -> int:
-    """A layout axis or part size: a positive integer (an integral float is accepted)."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"size of '{name}' must be a positive integer, got {value!r}")
-    return value
+def apply(op: str, left, right):
+    """`left op right` by the evaluator's bounded operator."""
+    return evaluate.apply(op, left, right, _NOWHERE)
 
 
-def select_architecture(spec: str, architectures: dict, hf_config, architecture: str | None) -> str:
-    """The served architecture named by `architecture`, else by the config's `architectures`, else the first."""
-    listed = _value(hf_config, "architectures")
-    wanted = architecture or next(iter(listed if listed is not _MISSING and listed else []), None)
-    if wanted in architectures:
-        return wanted
-    if architecture is None and wanted is None and architectures:
-        return next(iter(architectures))
-    raise ValueError(f"spec '{spec}' does not serve architecture {wanted!r} (it serves: {', '.join(architectures)})")
+def negate(value):
+    return evaluate.negate(value, _NOWHERE)
 
 
-def text_config(hf_config, attr: str | None):
-    """The (sub-)config the spec's names refer to, e.g. `text_config` of a vision-language model."""
-    if attr is None:
-        return hf_config
-    sub = _value(hf_config, attr)
-    return hf_config if sub is _MISSING or sub is None else sub
+def subscript(value, index):
+    return evaluate.subscript(value, index, _NOWHERE)
 
 
-_PIECE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::[A-Za-z0-9_\-|]+)?\}")
-_PATTERN = re.compile(r"^(?:[A-Za-z0-9_\-]|\{[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z0-9_\-|]+)?\})+"
-                      r"(?:\.(?:[A-Za-z0-9_\-]|\{[A-Za-z_][A-Za-z0-9_]*(?::[A-Za-z0-9_\-|]+)?\})+)*"
-                      r"(?:\[\{[A-Za-z_][A-Za-z0-9_]*\}\])?$")
+def _function(function):
+    def call(*args):
+        return call_function(function, args, _NOWHERE)
+    call.__name__ = function.name
+    return call
 
 
-def pattern_key(text: str, prefix: str, captures: dict) -> str:
-    """The key a pattern computed at run time names (`scale(by=...)` with a non-literal argument)."""
-    text = str(text).replace(" ", "")
-    if not _PATTERN.match(text):
-        raise ValueError(f"scale(by=...) must name a tensor pattern, got {text!r}")
-    text = re.sub(r"\[\{[A-Za-z_][A-Za-z0-9_]*\}\]$", "", text)
-    return _PIECE.sub(lambda m: prefix if m.group(1) == "prefix" else str(captures[m.group(1)]), text)
+fn = SimpleNamespace(**{name: _function(function) for name, function in FUNCTIONS.items()})
+fn.__doc__ = "The spec language's functions (`compiler.evaluate.FUNCTIONS`), called as the interpreter calls them."
+
+
+def hf_to_mcore(plan: Plan, read):
+    """Yield (Megatron key, full tensor) per mapping; `read(key)` returns a whole HF tensor (stacks included)."""
+    for mapping in plan.mappings:
+        parts = {s.part: read(s.key) if s.index is None else read(s.key)[s.index] for s in mapping.sources}
+        yield mapping.mcore, run_import(mapping, parts, read=read)
+
+
+def mcore_to_hf(plan: Plan, tensors):
+    """Yield (HF key, tensor) from full Megatron tensors `tensors[key]`; stacked HF tensors once complete."""
+    lengths, stacks = dict(plan.stacks), {}
+    for mapping in plan.mappings:
+        parts = run_export(mapping, tensors[mapping.mcore], read=tensors.__getitem__)
+        for source in mapping.sources:
+            if source.index is None:
+                yield source.key, parts[source.part]
+                continue
+            slices = stacks.setdefault(source.key, {})
+            slices[source.index] = parts[source.part]
+            if len(slices) == lengths[source.key]:
+                del stacks[source.key]
+                yield source.key, torch.stack([slices[k] for k in range(lengths[source.key])])

@@ -16,7 +16,7 @@ import torch
 from ..compiler import ir
 from .collectives import agree
 from ..errors import ConversionError
-from .ops import run_export, tp_concat
+from .ops import cast, run_export, tp_concat
 from .placement import Ranks, local_tensors, owner
 
 
@@ -126,7 +126,7 @@ def _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent) -> int:
     local = tensors.get(mapping.mcore)  # None for an expert gathered from another EP rank
     count = 0
     for source in mapping.sources:
-        tensor = parts[source.part].to(hf_dtype) if hf_dtype is not None else parts[source.part]
+        tensor = cast(parts[source.part], hf_dtype) if hf_dtype is not None else parts[source.part]
         if source.index is not None:
             count += sink.add_slice(source.key, source.index, lengths[source.key], tensor)
             continue

@@ -17,11 +17,12 @@ import torch
 
 from ..compiler import ir
 from ..compiler.layouts import dim_of_axis, infer_sizes
+from ..compiler.ops import row as op_row
 from .collectives import agree
 from .direct_read import DirectReader
 from .naming import TIED_OUTPUT
 from ..errors import ConversionError
-from .ops import below_tp, run_import, tp_slice
+from .ops import below_tp, cast, run_import, tp_slice
 from .placement import Ranks, local_tensors
 
 
@@ -37,6 +38,28 @@ def verify_checkpoint_keys(plan: ir.Plan, available: set[str]) -> None:
         more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
         raise ConversionError(f"the checkpoint has tensor '{unknown[0]}'{more}, which no rule of spec "
                               f"'{plan.spec}' ({plan.architecture}, format '{plan.format}') consumes", key=unknown[0])
+
+
+def verify_tied_sentinels(plan: ir.Plan, reader, rows: int = 4096) -> None:
+    """An HF tensor the spec calls a tied copy (e.g. `lm_head.weight` under `tie_word_embeddings`) that the
+    checkpoint holds anyway must equal the tensor it is tied to, bit for bit: otherwise the conversion would drop
+    real weights. Compared `rows` rows at a time."""
+    by_mcore = plan.by_mcore()
+    for sentinel in plan.sentinels:
+        tied_to = by_mcore.get(sentinel.reason)
+        if sentinel.side != ir.HF or sentinel.kind != "tied" or sentinel.key not in reader.keys() or tied_to is None:
+            continue
+        other = tied_to.sources[0].key
+        shape = reader.shape(sentinel.key)
+        same = shape == reader.shape(other) and reader.dtype(sentinel.key) == reader.dtype(other) and (
+            torch.equal(reader.get(sentinel.key), reader.get(other)) if not shape else
+            all(torch.equal(reader.get(sentinel.key, rows=(r, min(r + rows, shape[0]))),
+                            reader.get(other, rows=(r, min(r + rows, shape[0])))) for r in range(0, shape[0], rows)))
+        if not same:
+            raise ConversionError(f"the config ties '{sentinel.key}' to '{other}', but the checkpoint holds a "
+                                  f"different '{sentinel.key}': converting would drop it (set the config's "
+                                  f"tie_word_embeddings to false to convert it untied)", key=sentinel.key,
+                                  rule=sentinel.span)
 
 
 def tied_copies(plan: ir.Plan) -> dict[str, str]:
@@ -69,6 +92,7 @@ def import_weights(chunks, plan: ir.Plan, reader, ranks: Ranks = Ranks(), progre
     error, work = None, {}
     try:
         verify_checkpoint_keys(plan, reader.keys())
+        verify_tied_sentinels(plan, reader)
         work = _assignments(plan, targets, ranks)
         for name, mapping in work.items():
             _check_divisible(mapping, reader, ranks)
@@ -130,7 +154,7 @@ def _fill(target: torch.Tensor, mapping: ir.Mapping, reader, ranks: Ranks) -> No
     if tuple(local.shape) != tuple(target.shape):
         raise ConversionError(f"shape mismatch: the spec gives {list(local.shape)} for this rank, the Megatron "
                               f"tensor is {list(target.shape)}", key=mapping.mcore, rule=mapping.span, rank=ranks.rank)
-    target.copy_(local)
+    target.copy_(cast(local, target.dtype))  # a dtype change keeps NaN payloads
 
 
 def _build_local(mapping: ir.Mapping, reader, rank: int, size: int, target_shape) -> torch.Tensor:
@@ -173,7 +197,7 @@ def reader_dtype(reader, key: str) -> torch.dtype:
 
 def _row_shardable(mapping: ir.Mapping, size: int) -> bool:
     """The sharded axis lies in dim 0 of every part, and no op needs the whole tensor."""
-    if any(isinstance(op, ir.ScaleBy) for op in mapping.hf_to_mcore):
+    if any(op_row(op).sharding == "whole" for op in mapping.hf_to_mcore):
         return False
     if mapping.layout is None:
         return mapping.shard.dim == 0

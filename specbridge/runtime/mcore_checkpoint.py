@@ -1,54 +1,456 @@
-"""Megatron distributed checkpoints (megatron-core `dist_checkpointing`, torch_dist format), the format Megatron
-training loads.
+"""Megatron checkpoints as Megatron-LM's training loader reads them (megatron-core `dist_checkpointing`, torch_dist).
 
-`save` writes every rank's shards at once into a staging directory that rank 0 renames into place after all
-ranks are done (no half-written checkpoint). Beside the shards it writes `specbridge.json` (spec, architecture,
-HF format, the HF config) so that `load` can rebuild the model at any TP/PP/EP and reshard through
-megatron-core's own loader.
+`save` writes (all ranks at once, into a staging directory that rank 0 renames into place when every rank is done):
+
+    OUT/latest_checkpointed_iteration.txt   "release" (the tracker Megatron-LM's --load / --pretrained-checkpoint reads)
+    OUT/release/                            the distributed checkpoint: metadata.json, .metadata, *.distcp, and the
+                                            common state: checkpoint_version 3.0, iteration 0, `args` (the model
+                                            arguments Megatron-LM checks or takes with --use-checkpoint-args)
+    OUT/release/run_config.yaml             the `model` section Megatron-Bridge reads
+    OUT/specbridge.json                     how to convert back: spec name and content digest, architecture, HF
+                                            format, the source config.json, parameter dtype, carried HF files
+    OUT/spec.yaml                           the text of the spec used (an exact copy: its digest is recorded)
+    OUT/hf/                                 HF files carried over to the export (generation config, tokenizer,
+                                            chat template)
+
+`load` reads this layout and the bare one of earlier versions (the distributed checkpoint at the top). A checkpoint
+is untrusted input: paths come only from fixed names inside it (never from its contents), its pickles (`.metadata`,
+`common.pt`, the byte items of `*.distcp`) are vetted by restricted unpicklers before megatron-core's loader, which
+unpickles them without restriction, ever sees them, and a damaged checkpoint is one `ConversionError`.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import os
+import pickle
+import shutil
 from pathlib import Path
 
-from ..errors import ConversionError
-from . import collectives
+import torch
+
+from ..errors import ConversionError, UsageError
+from . import collectives, dtypes
+from .safetensors_io import shard_path
 
 METADATA = "specbridge.json"
+TRACKER = "latest_checkpointed_iteration.txt"
+RELEASE = "release"
+RUN_CONFIG = "run_config.yaml"
+SPEC_COPY = "spec.yaml"
+HF_FILES = "hf"
+FORMAT_VERSION = 2
+CHECKPOINT_VERSION = 3.0
+# the HF files an export carries over from the source checkpoint (besides weights and config.json)
+CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+           "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model",
+           "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
+
+
+# ---------------------------------------------------------------- writing
 
 
 def _sharded_state_dict(chunks) -> dict:
     if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
+        return {"model": chunks[0].sharded_state_dict()}
     return {f"model{k}": chunk.sharded_state_dict() for k, chunk in enumerate(chunks)}
 
 
-def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False) -> Path:
+def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, spec_text: str | None = None,
+         hf_dir: str | Path | None = None, model_kwargs: dict | None = None) -> Path:
+    """Write the checkpoint of `chunks` (every rank its shards) with `metadata` (see `conversion_metadata`), the
+    spec's text, and the HF files of `hf_dir` that an export carries over."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    with collectives.staged_output(target, overwrite) as staging:
-        dist_checkpointing.save(_sharded_state_dict(chunks), str(staging))
+    config = chunks[0].config
+    with collectives.staged_output(target, overwrite, inputs=[hf_dir] if hf_dir else ()) as staging:
+        release = staging / RELEASE
         if collectives.world()[0] == 0:
+            release.mkdir()
+        collectives.barrier()
+        state = {**_sharded_state_dict(chunks), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
+                 "args": megatron_args(config, model_kwargs or {})}
+        with _writers_die_with_us():
+            try:
+                dist_checkpointing.save(state, str(release))
+            except (RuntimeError, CheckpointException) as exc:
+                raise _write_failure(exc, release) or exc
+        if collectives.world()[0] == 0:
+            (staging / TRACKER).write_text(RELEASE)
+            (release / RUN_CONFIG).write_text(run_config(config, model_kwargs or {}))
+            carried = _carry(Path(hf_dir), staging / HF_FILES) if hf_dir else []
+            if spec_text is not None:
+                (staging / SPEC_COPY).write_text(spec_text)
+            metadata = {**metadata, "hf_files": carried}
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return Path(target)
 
 
+def _write_failure(exc: BaseException, where: Path) -> ConversionError | None:
+    """megatron-core's writer reports what failed in its writer processes (an OSError, a full disk: torch's zip
+    writer then fails with 'unexpected pos') as a RuntimeError: that is the environment's error, named with the
+    space left; any other RuntimeError is a bug (None)."""
+    seen, chain = exc, []
+    while seen is not None:
+        chain.append(seen)
+        failures = getattr(seen, "failures", None)  # a CheckpointException: {rank: failure}
+        if isinstance(failures, dict) and failures:
+            first = next(iter(failures.values()))
+            seen = first[0] if isinstance(first, tuple) and first else first
+        else:
+            seen = seen.__cause__ or seen.__context__
+        seen = seen if isinstance(seen, BaseException) else None
+    if not any(isinstance(e, OSError) or str(e).startswith("Worker failure") for e in chain):
+        return None
+    free = shutil.disk_usage(where).free
+    return ConversionError(f"writing the Megatron checkpoint failed ({free} bytes free on its disk): "
+                           f"{_first_line(chain[-1])}", rank=collectives.world()[0])
+
+
+def _carry(hf_dir: Path, into: Path) -> list[str]:
+    names = [n for n in CARRIED if (hf_dir / n).is_file()]
+    if names:
+        into.mkdir()
+    for name in names:
+        shutil.copyfile(shard_path(hf_dir, name), into / name)
+    return names
+
+
+def conversion_metadata(plan, spec_name: str, builtin: bool, hf_config: dict, params_dtype: torch.dtype,
+                        topology) -> dict:
+    """`specbridge.json`: portable (no path of the writing machine), enough to rebuild the model anywhere."""
+    return {"format_version": FORMAT_VERSION,
+            "spec": {"name": spec_name, "digest": plan.digest, "builtin": builtin, "file": SPEC_COPY},
+            "architecture": plan.architecture, "format": plan.format, "hf_config": hf_config,
+            "dtype": dtypes.short(params_dtype),
+            "written_with": {"tp": topology.tp_size, "pp": topology.pp_size, "ep": topology.ep_size}}
+
+
+# the TransformerConfig fields Megatron-LM's arguments carry under the same name, and those it renames
+_SAME_NAME = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+              "kv_channels", "normalization", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "moe_ffn_hidden_size",
+              "moe_router_topk", "moe_router_pre_softmax", "moe_router_score_function", "moe_grouped_gemm",
+              "moe_shared_expert_intermediate_size", "moe_layer_freq", "attention_dropout", "hidden_dropout",
+              "apply_query_key_layer_scaling", "rotary_interleaved", "tensor_model_parallel_size",
+              "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
+              "expert_tensor_parallel_size", "params_dtype")
+_RENAMED = {"layernorm_epsilon": "norm_epsilon", "gated_linear_unit": "swiglu", "num_moe_experts": "num_experts",
+            "layernorm_zero_centered_gamma": "apply_layernorm_1p"}
+_PLAIN = (bool, int, float, str, type(None), torch.dtype)
+
+
+def megatron_args(config, model_kwargs: dict) -> argparse.Namespace:
+    """The `args` Megatron-LM stores in its checkpoints, for the model arguments it checks when loading
+    (`check_checkpoint_args`) or takes over (`--use-checkpoint-args`)."""
+    values = {name: getattr(config, name, None) for name in _SAME_NAME}
+    values.update({new: getattr(config, old, None) for old, new in _RENAMED.items()})
+    position = model_kwargs.get("position_embedding_type", "learned_absolute")
+    values.update(
+        padded_vocab_size=model_kwargs.get("vocab_size"), max_position_embeddings=model_kwargs.get("max_sequence_length"),
+        seq_length=model_kwargs.get("max_sequence_length"), position_embedding_type=position,
+        add_position_embedding=position == "learned_absolute", use_rotary_position_embeddings=position == "rope",
+        rotary_base=model_kwargs.get("rotary_base", 10000), rotary_percent=model_kwargs.get("rotary_percent", 1.0),
+        untie_embeddings_and_output_weights=not model_kwargs.get("share_embeddings_and_output_weights", True),
+        group_query_attention=config.num_query_groups not in (None, config.num_attention_heads),
+        bf16=config.params_dtype == torch.bfloat16, fp16=config.params_dtype == torch.float16,
+        ckpt_format="torch_dist", iteration=0, consumed_train_samples=0, consumed_valid_samples=0)
+    plain = {k: v for k, v in values.items() if isinstance(v, _PLAIN) or isinstance(v, list)
+             and all(isinstance(x, int) for x in v)}
+    return argparse.Namespace(**plain)
+
+
+def run_config(config, model_kwargs: dict) -> str:
+    """Megatron-Bridge's `run_config.yaml`: the `model` section (GPT provider fields) of this model."""
+    import yaml
+
+    args = vars(megatron_args(config, model_kwargs))
+    model = {"_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider"}
+    model.update({k: v for k, v in vars(config).items() if isinstance(v, (bool, int, float, str))
+                  and not k.startswith("_")})
+    model.update(vocab_size=args["padded_vocab_size"], seq_length=args["seq_length"],
+                 position_embedding_type=args["position_embedding_type"], rotary_base=args["rotary_base"],
+                 share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
+                 params_dtype=dtypes.short(config.params_dtype))
+    return yaml.safe_dump({"model": model}, sort_keys=True)
+
+
+_ACTIVE = False  # forked children die with this process while a save runs
+_HOOKED = False
+
+
+@contextlib.contextmanager
+def _writers_die_with_us():
+    """megatron-core's writer forks worker processes: make them die when this process dies (a kill mid-save must
+    leave no orphan holding the model's memory), and keep its results queue in this process (no spawned manager
+    process, which nothing would stop)."""
+    global _ACTIVE
+    _install_fork_hook()
+    _local_results_queue()
+    _ACTIVE = True
+    try:
+        yield
+    finally:
+        _ACTIVE = False  # forked children die with this process while a save runs
+_HOOKED = False
+
+
+def _install_fork_hook() -> None:
+    global _HOOKED
+    if _HOOKED or not hasattr(os, "register_at_fork"):
+        return
+    parent = os.getpid()
+
+    def die_with_parent():
+        if not _ACTIVE:
+            return
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    os.register_at_fork(after_in_child=die_with_parent)
+    _HOOKED = True
+
+
+def _local_results_queue() -> None:
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+# ---------------------------------------------------------------- reading
+
+
 def read_metadata(directory: str | Path) -> dict:
+    """`specbridge.json`, checked: a ConversionError naming the file for anything that is not what `save` wrote."""
     path = Path(directory) / METADATA
-    if not path.exists():
+    if not Path(directory).is_dir():
+        raise UsageError(f"'{directory}' does not exist or is not a directory")
+    if not path.is_file():
         raise ConversionError(f"'{directory}' is not a specbridge Megatron checkpoint (no {METADATA})")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ConversionError(f"'{path}' is damaged: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ConversionError(f"'{path}' is damaged: not a JSON object")
+    if "format_version" not in meta:  # earlier versions: the spec was a path (never followed) and a name
+        meta = {**meta, "spec": {"name": meta.get("spec_name"), "digest": meta.get("digest"), "builtin": True}}
+    _check_fields(path, meta, {"spec": dict, "architecture": str, "format": str, "hf_config": dict})
+    _check_fields(path, meta["spec"], {"name": str, "digest": str})
+    files = meta.setdefault("hf_files", [])
+    if not isinstance(files, list) or not all(isinstance(f, str) and f in CARRIED for f in files):
+        raise ConversionError(f"'{path}' is damaged: 'hf_files' must list carried HF files ({', '.join(CARRIED)})")
+    return meta
+
+
+def _check_fields(path: Path, meta: dict, fields: dict) -> None:
+    for name, kind in fields.items():
+        if not isinstance(meta.get(name), kind):
+            raise ConversionError(f"'{path}' is damaged: '{name}' must be a {kind.__name__}, not "
+                                  f"{type(meta.get(name)).__name__}")
+
+
+def recorded_spec(directory: str | Path, meta: dict, override=None) -> Path:
+    """The spec the checkpoint was written with, identified by name and content digest: the built-in spec of that
+    name, else the checkpoint's own copy (`spec.yaml`), each only if its digest is the recorded one; or `override`
+    (a file or built-in name), whose digest must also match. Never a path read from the checkpoint."""
+    from ..api import builtin_specs, resolve_spec_path
+    from ..compiler.resolve import digest
+
+    spec, directory = meta["spec"], Path(directory)
+    candidates = [resolve_spec_path(override, None)] if override is not None else [
+        p for p in (builtin_specs().get(spec["name"]) if spec.get("builtin") else None, directory / SPEC_COPY)
+        if p is not None and p.is_file() and not p.is_symlink()]
+    seen = []
+    for path in candidates:
+        if not path.is_file():
+            raise UsageError(f"spec '{path}' does not exist")
+        found = digest(path.read_text())
+        if found == spec["digest"]:
+            return path
+        seen.append(f"'{path}' has digest {found}")
+    raise ConversionError(f"the checkpoint '{directory}' was written with spec '{spec['name']}' of digest "
+                          f"{spec['digest']}, and no spec with that content is at hand ("
+                          f"{'; '.join(seen) or 'no built-in spec of that name, no copy in the checkpoint'}): the "
+                          f"spec changed since import; pass --spec with the spec it was written with")
+
+
+def dist_directory(directory: str | Path) -> Path:
+    """The distributed checkpoint inside a checkpoint directory: the tracker's `release/` or `iter_NNNNNNN/`, or
+    the directory itself (bare layout)."""
+    directory = Path(directory)
+    tracker = directory / TRACKER
+    if not tracker.is_file():
+        if (directory / "metadata.json").is_file():
+            return directory
+        raise ConversionError(f"'{directory}' holds no Megatron checkpoint (no {TRACKER}, no metadata.json)")
+    with open(tracker, "rb") as f:
+        text = f.read(64).decode("ascii", "replace").strip()
+    if text != RELEASE and not (text.isdigit() and len(text) <= 7):
+        raise ConversionError(f"'{tracker}' names neither 'release' nor an iteration: {text[:20]!r}")
+    inner = directory / (RELEASE if text == RELEASE else f"iter_{int(text):07d}")
+    if inner.is_symlink() or not inner.is_dir():
+        raise ConversionError(f"'{inner}', named by '{tracker}', is not a directory inside the checkpoint")
+    return inner
+
+
+def tensor_dtype(directory: str | Path) -> torch.dtype | None:
+    """The dtype of most of the checkpoint's floating-point numbers (megatron-core keeps some norms in fp32
+    whatever the parameters' dtype); None when it holds none."""
+    import math
+
+    metadata = vet(dist_directory(directory))
+    counts: dict[torch.dtype, int] = {}
+    for entry in metadata.state_dict_metadata.values():
+        dtype, size = getattr(getattr(entry, "properties", None), "dtype", None), getattr(entry, "size", ())
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and all(isinstance(n, int) for n in size):
+            counts[dtype] = counts.get(dtype, 0) + math.prod(size)
+    return max(counts, key=counts.get) if counts else None
 
 
 def load(chunks, directory: str | Path) -> None:
     """Fill `chunks` (built at any parallel layout) from the checkpoint, resharding as needed."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(directory))
-    states = [state] if len(chunks) == 1 else [state[f"model{k}"] for k in range(len(chunks))]
+    dist_dir = dist_directory(directory)
+    vet(dist_dir)
+    try:
+        state = dist_checkpointing.load(_sharded_state_dict(chunks), str(dist_dir))
+    except (CheckpointException, EOFError, AssertionError, AttributeError, KeyError, ValueError, TypeError,
+            RuntimeError, OSError, pickle.UnpicklingError) as exc:
+        raise ConversionError(f"the Megatron checkpoint '{dist_dir}' is damaged or does not fit the model: "
+                              f"{type(exc).__name__}: {_first_line(exc) or 'no message'}") from None
+    states = [state["model"]] if len(chunks) == 1 else [state[f"model{k}"] for k in range(len(chunks))]
     for chunk, chunk_state in zip(chunks, states):
         result = chunk.load_state_dict(chunk_state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing:
             raise ConversionError(f"the Megatron checkpoint '{directory}' lacks {missing[:5]}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The gist of a loader's exception, on one line: the first rank's failure of a CheckpointException, the
+    refused global of torch's weights-only unpickler."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        first = first[0] if isinstance(first, tuple) and first else first
+        return f"{type(first).__name__}: {_first_line(first) or 'no message'}"
+    text = str(exc)
+    if "WeightsUnpickler error: " in text:
+        text = text.split("WeightsUnpickler error: ", 1)[1].split(". Please use", 1)[0]
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
+def carried_files(directory: str | Path, meta: dict) -> list[Path]:
+    """The carried HF files recorded in `meta`, inside the checkpoint's `hf/` (plain names, no links out)."""
+    base = Path(directory) / HF_FILES
+    if base.is_symlink():
+        raise ConversionError(f"'{base}' is a link: carried HF files are read only from inside the checkpoint")
+    return [shard_path(base, name) for name in meta["hf_files"] if (base / name).is_file()]
+
+
+# ---------------------------------------------------------------- vetting the pickles
+
+
+# module -> names a checkpoint's `.metadata` may name (torch.distributed.checkpoint's metadata classes)
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = name in _METADATA_GLOBALS.get(module, ())
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"'{module}.{name}' is not a checkpoint-metadata type")
+        return super().find_class(module, name)
+
+
+def vet(dist_dir: Path):
+    """Check every pickle megatron-core's loader would unpickle, with restricted unpicklers: `.metadata`,
+    `common.pt` and the byte items of the `*.distcp` files (whose locations must be files of this directory).
+    Returns the checkpoint's metadata."""
+    metadata = _vet_metadata(dist_dir / ".metadata")
+    _vet_json(dist_dir / "metadata.json")
+    common = dist_dir / "common.pt"
+    if common.exists():
+        _vet_torch(common.read_bytes(), f"'{common}'")
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    for index, info in metadata.storage_data.items():
+        name, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
+        fqn = getattr(index, "fqn", None)
+        if not (isinstance(name, str) and isinstance(fqn, str) and all(isinstance(n, int) and n >= 0
+                                                                       for n in (offset, length))):
+            raise ConversionError(f"'{dist_dir / '.metadata'}' is damaged: a storage entry is not (file, offset, "
+                                  f"length)")
+        path = shard_path(dist_dir, name)
+        if not path.is_file():
+            raise ConversionError(f"'{dist_dir / '.metadata'}' names storage file '{name}', which does not exist")
+        if getattr(info, "transform_descriptors", None):
+            raise ConversionError(f"'{path}': transformed (e.g. compressed) storage is not supported")
+        if isinstance(metadata.state_dict_metadata.get(fqn), BytesStorageMetadata):
+            with open(path, "rb") as f:
+                f.seek(offset)
+                _vet_torch(f.read(length), f"item '{fqn}' of '{path}'")
+    return metadata
+
+
+def _vet_metadata(path: Path):
+    if not path.is_file():
+        raise ConversionError(f"'{path.parent}' is not a torch_dist checkpoint (no .metadata)")
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError, IndexError,
+            KeyError) as exc:
+        raise ConversionError(f"refusing '{path}': {_first_line(exc) or type(exc).__name__}") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_data", None), dict) or \
+            not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
+        raise ConversionError(f"refusing '{path}': not a torch.distributed.checkpoint Metadata")
+    return metadata
+
+
+def _vet_json(path: Path) -> None:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"'{path}' is missing or damaged: {exc}") from None
+    if not isinstance(config, dict) or config.get("sharded_backend") != "torch_dist":
+        raise ConversionError(f"'{path}': only torch_dist checkpoints are read (sharded_backend "
+                              f"{config.get('sharded_backend') if isinstance(config, dict) else None!r})")
+
+
+def _vet_torch(data: bytes, what: str) -> None:
+    """torch.load's own restricted (weights_only) unpickler, allowing the argparse Namespace Megatron stores (which
+    megatron-core registers as safe itself; registered here too for a process that has not imported it)."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError, OSError) as exc:
+        raise ConversionError(f"refusing {what}: {_first_line(exc) or type(exc).__name__}") from None

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import ConversionError
+from . import dtypes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -37,18 +38,35 @@ class CheckpointReader:
             raise ConversionError(f"checkpoint directory '{self.directory}' does not exist")
         index = self.directory / INDEX_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise ConversionError(f"corrupt index file '{index}': {exc}") from None
-            missing = sorted({f for f in weight_map.values() if not (self.directory / f).exists()})
-            if missing:
-                raise ConversionError(f"index '{index}' names shard file(s) that do not exist: {missing}")
-            return dict(weight_map)
-        files = sorted(self.directory.glob("*.safetensors"))
+            return self._read_index(index)
+        files = sorted(p.name for p in self.directory.glob("*.safetensors"))
         if not files:
             raise ConversionError(f"no *.safetensors files in '{self.directory}'")
-        return {key: f.name for f in files for key in self._open(f.name).keys()}
+        key_to_file: dict[str, str] = {}
+        for file in files:
+            shard_path(self.directory, file)
+            for key in self._open(file).keys():
+                if key in key_to_file:
+                    raise ConversionError(f"tensor '{key}' is in two shard files, '{key_to_file[key]}' and "
+                                          f"'{file}' (and no {INDEX_NAME} says which one counts)", key=key)
+                key_to_file[key] = file
+        return key_to_file
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ConversionError(f"corrupt index file '{index}': {type(exc).__name__}: {exc}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(f, str)
+                                                       for k, f in weight_map.items()):
+            raise ConversionError(f"corrupt index file '{index}': 'weight_map' must map tensor names to file "
+                                  f"names, not {type(weight_map).__name__}")
+        for file in sorted(set(weight_map.values())):
+            shard_path(self.directory, file)
+        missing = sorted({f for f in weight_map.values() if not (self.directory / f).is_file()})
+        if missing:
+            raise ConversionError(f"index '{index}' names shard file(s) that do not exist: {missing}")
+        return dict(weight_map)
 
     def _open(self, file: str):
         if file not in self._handles:
@@ -85,11 +103,12 @@ class CheckpointReader:
             cols: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `key`; with `index`, one slice of a stacked tensor; with `rows` / `cols`, a range of the
         first / second dim (of that slice). Only the bytes asked for are read."""
+        tensor_slice = self._slice(key)
+        _check_bounds(key, tuple(tensor_slice.get_shape()), index, rows, cols)
         selection = (slice(index, index + 1),) if index is not None else ()
         selection += (slice(*rows) if rows is not None else slice(None),)
         if cols is not None:
             selection += (slice(*cols),)
-        tensor_slice = self._slice(key)
         try:
             tensor = tensor_slice[selection]
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
@@ -103,9 +122,38 @@ class CheckpointReader:
         self._handles.clear()
 
 
-_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL"}
+def _check_bounds(key: str, shape: tuple[int, ...], index, rows, cols) -> None:
+    """A stack index or row/column range that the tensor does not have is the checkpoint's error, named."""
+    dims = list(shape)
+    if index is not None:
+        if not dims or not 0 <= index < dims[0]:
+            raise ConversionError(f"tensor '{key}' of shape {list(shape)} has no entry {index} along its first "
+                                  f"(stacked) dim: the checkpoint has fewer experts/layers than its config says",
+                                  key=key)
+        dims = dims[1:]
+    for what, bounds, dim in (("rows", rows, 0), ("columns", cols, 1)):
+        if bounds is not None and (len(dims) <= dim or not 0 <= bounds[0] <= bounds[1] <= dims[dim]):
+            raise ConversionError(f"tensor '{key}' of shape {list(shape)} has no {what} {bounds[0]}:{bounds[1]}"
+                                  + (f" in entry {index}" if index is not None else ""), key=key)
+
+
+def shard_path(directory: Path, name: str) -> Path:
+    """The shard file `name` of the checkpoint in `directory`: a plain file name, never a path that leaves the
+    directory (`..`, absolute, a subdirectory, a symlink to elsewhere; a Hugging Face cache snapshot's links into
+    the same model's `blobs/` are followed)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConversionError(f"shard file name '{name}' in '{directory}' is not a plain file name inside the "
+                              f"checkpoint directory")
+    path = directory / name
+    if path.is_symlink():
+        target, base = path.resolve(), directory.resolve()
+        blobs = base.parent.parent / "blobs" if base.parent.name == "snapshots" else None
+        if not (target.is_relative_to(base) or blobs is not None and target.is_relative_to(blobs)):
+            raise ConversionError(f"shard file '{path}' is a link to '{target}', outside the checkpoint directory")
+    return path
+
+
+_DTYPE_NAMES = dtypes.NAMES
 
 
 def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:

@@ -14,7 +14,7 @@ from tests.support import save_tiny
 
 def _no_output(out):
     assert not out.exists()
-    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+    assert not list(out.parent.glob(f".{out.name}.specbridge-*"))
 
 
 def test_missing_key_fails_on_every_rank(tmp_path):

@@ -1,0 +1,1 @@
+"""The specbridge benchmark (`python bench/run.py`); one module per purpose, see `run.py`."""
