@@ -28,7 +28,7 @@ from .compiler.invert import invert_config
 from .errors import ConversionError, SpecError, UsageError
 from .inputs import builtin_specs, spec_path
 from .runtime import collectives, dtypes, exporter, importer, manifests
-from .runtime.placement import Ranks
+from .runtime.parallel import Topology, current_topology
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
 
@@ -153,22 +153,25 @@ class Converter:
         return compiler.check(self.plan, *(manifests or self.manifests(chunks)), sources={spec.file: spec.source})
 
     # ------------------------------------------------------------ models and weights
-    def build_model(self, params_dtype=None, extra_transformer: dict | None = None, device=None) -> list:
+    def build_model(self, params_dtype=None, extra_transformer: dict | None = None, device=None,
+                    padded_vocab: int | None = None) -> list:
         """This rank's model chunk(s), with parameters of `params_dtype` (default: the source checkpoint's dtype,
         fp32 when unknown); `extra_transformer` adds TransformerConfig fields the spec does not set (e.g.
-        `num_layers_in_first_pipeline_stage` for an uneven pipeline split). `device="meta"`: parameters without
-        storage (what a manifest needs)."""
+        `num_layers_in_first_pipeline_stage` for a pipeline split of one's own). `device="meta"`: parameters
+        without storage (what a manifest needs). `padded_vocab`: the padded vocabulary a Megatron checkpoint was
+        written with (default: padded as Megatron pads it for this TP size)."""
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return build_chunks(self.plan, self.text_config, params_dtype or self.source_dtype, extra_transformer)
+            return build_chunks(self.plan, self.text_config, params_dtype or self.source_dtype, extra_transformer,
+                                padded_vocab)
 
-    def import_weights(self, chunks, hf_dir, ranks: Ranks | None = None, progress=None,
+    def import_weights(self, chunks, hf_dir, topology: Topology | None = None, progress=None,
                        cast: bool = False) -> CheckpointReader:
         """Fill `chunks` from the HF checkpoint. A tensor whose dtype differs from its parameter's is converted
         only when that keeps its values (bf16 -> fp32) or with `cast=True` (see `dtypes.import_casts`)."""
         reader = CheckpointReader(hf_dir)
         if not cast:
             dtypes.refuse_inexact(dtypes.import_casts(self.plan, reader, chunks[0].config.params_dtype))
-        importer.import_weights(chunks, self.plan, reader, ranks or Ranks.current(), progress=progress)
+        importer.import_weights(chunks, self.plan, reader, topology or current_topology(), progress=progress)
         return reader
 
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
@@ -179,14 +182,14 @@ class Converter:
         into one staging directory that becomes `out_dir` only when every rank succeeded. Tensors keep the
         model's dtype unless `dtype` is given (a config's `dtype` never changes them). `overwrite` replaces an
         earlier output of specbridge, never the `inputs` (see `collectives.check_output`)."""
-        ranks = Ranks.current()
+        topology = current_topology()
         dtype = dtype or chunks[0].config.params_dtype
         with collectives.staged_output(out_dir, overwrite, inputs) as staging:
-            writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{ranks.rank:05d}")
-            exporter.export_weights(chunks, self.plan, writer, ranks, hf_dtype=dtype, check_absent=check_absent,
+            writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{topology.rank:05d}")
+            exporter.export_weights(chunks, self.plan, writer, topology, hf_dtype=dtype, check_absent=check_absent,
                                     progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
-            if ranks.rank == 0:
+            if topology.rank == 0:
                 weight_map = {k: f for m, _ in maps for k, f in m.items()}
                 finalize(staging, weight_map, sum(total for _, total in maps))
                 write_hf_config(self, chunks, staging, dtype)
@@ -201,7 +204,7 @@ class Converter:
         tensor on the rank that would write it. Every rank must consume the generator to the end."""
         from .runtime.weight_stream import iter_hf_weights
 
-        return iter_hf_weights(chunks, self.plan, Ranks.current(), bucket_bytes,
+        return iter_hf_weights(chunks, self.plan, current_topology(), bucket_bytes,
                                dtype or config_dtype(self.hf_config), check_absent)
 
 

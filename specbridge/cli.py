@@ -115,12 +115,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_inputs(args)
         return COMMANDS[args.command](args)
-    except SpecError as exc:  # a user's mistake: one clean report, exit 2; anything else is a bug (traceback)
-        print(exc.render(), file=sys.stderr)
+    except SpecbridgeError as exc:  # a user's mistake: one clean report, exit 2; anything else is a bug (traceback)
+        _report(exc, exc.render() if isinstance(exc, SpecError) else f"specbridge {args.command}: error: {exc}")
         return 2
-    except SpecbridgeError as exc:
-        print(f"specbridge {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+
+
+def _report(exc, text: str) -> None:
+    """Print the error once: an error every rank raised is printed by rank 0 only, and the other ranks leave after
+    it has been printed. Every rank's exit status is 2: this rank is leaving anyway, so torchrun's SIGTERM (sent to
+    the rest once one rank has left) is ignored rather than turning the status into a kill (an ignored signal
+    stays ignored while the interpreter shuts down; a handler would not)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _is_rank0() or not exc.on_every_rank:
+        print(text, file=sys.stderr, flush=True)
+    if exc.on_every_rank:
+        _barrier()
+
+
+def _barrier() -> None:
+    """Wait for every rank (when several run); a rank that has already gone ends the wait."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a rank that died does not change this rank's report
+            pass
 
 
 # ---------------------------------------------------------------- helpers
@@ -165,9 +186,10 @@ def _init(args):
 
 
 def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 of the torch.distributed world (before it is initialised: of the processes torchrun started)."""
+    if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+        return sys.modules["torch.distributed"].get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _say(text: str) -> None:
@@ -250,8 +272,10 @@ def cmd_import(args) -> int:
     builtin = conv.spec_path.resolve() in {p.resolve() for p in builtin_specs().values()}
     metadata = mcore_checkpoint.conversion_metadata(conv.plan, conv.spec_path.stem if builtin else conv.plan.spec,
                                                     builtin, conv.source_config, params_dtype, topology)
+    metadata["padded_vocab_size"] = chunks[0].vocab_size  # a later load at another TP builds the same rows
+    model_kwargs = {**conv.plan.model_kwargs(), "vocab_size": chunks[0].vocab_size}  # Megatron's padded_vocab_size
     mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite, spec_text=conv.spec_path.read_text(),
-                          hf_dir=args.hf_dir, model_kwargs=conv.plan.model_kwargs())
+                          hf_dir=args.hf_dir, model_kwargs=model_kwargs)
     if casts:
         _say(f"import: {dtypes.summary(casts)}")
     _say(f"import: {args.hf_dir} -> {args.out} (Megatron checkpoint, {dtypes.short(params_dtype)}, "
@@ -274,7 +298,8 @@ def cmd_export(args) -> int:
                                  args.format or meta["format"])
     conv = dataclasses.replace(conv, source_config=meta["hf_config"])
     params_dtype = dtypes.CHOICES.get(meta.get("dtype")) or mcore_checkpoint.tensor_dtype(args.mcore_dir)
-    chunks = conv.build_model(params_dtype=params_dtype)
+    chunks = conv.build_model(params_dtype=params_dtype, padded_vocab=meta.get("padded_vocab_size",
+                                                                               conv.plan.model_kwargs().get("vocab_size")))
     mcore_checkpoint.load(chunks, args.mcore_dir)
     update, close = _progress(len(conv.plan.mappings), "export")
     conv.export_weights(chunks, args.out, dtype=wanted, check_absent=args.absent == "check", overwrite=args.overwrite,

@@ -7,6 +7,9 @@ line (exit 2). Any other exception is a bug in specbridge and shows as one (a tr
       ConversionError   a checkpoint or model problem: names the tensor key, the spec rule and the rank
       UsageError        a command-line or API argument that cannot work (paths, parallel sizes, options)
 
+Under torchrun an error that every rank raises alike (`on_every_rank`: it depends on the arguments, config and spec
+only, or the ranks agreed on it through a collective) is reported once, by rank 0; any other by the rank that has it.
+
 This module imports nothing of specbridge: every layer (dsl, compiler, runtime, emitted bridges) may raise these.
 """
 
@@ -16,10 +19,19 @@ from __future__ import annotations
 class SpecbridgeError(Exception):
     """Base of every error that is the user's to fix."""
 
+    on_every_rank = False  # every rank raises this same error (so one report, from rank 0, is enough)
+
+    def __init__(self, *args, on_every_rank: bool | None = None):
+        super().__init__(*args)
+        if on_every_rank is not None:
+            self.on_every_rank = on_every_rank
+
 
 class SpecError(SpecbridgeError):
     """All diagnostics of a spec, reported together. `diagnostics` are `dsl.diagnostics.Diagnostic`s (anything
     with a `span` and a `render(sources)`); `sources` maps file names to their text, for the carets."""
+
+    on_every_rank = True  # every rank compiles the same spec for the same config
 
     def __init__(self, diagnostics, sources: dict[str, str] | None = None):
         self.diagnostics = tuple(sorted(diagnostics, key=lambda d: (d.span.file, d.span.line, d.span.column)))

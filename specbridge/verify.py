@@ -190,8 +190,9 @@ def pipeline_logits(chunks, ids: torch.Tensor, vocab: int) -> torch.Tensor | Non
     """Full-vocabulary fp32 logits of a model split over pipeline stages (and virtual stages) and tensor
     parallel ranks, through megatron-core's own pipeline schedule. Returned on the last stage, None elsewhere."""
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from .runtime.parallel import current_topology, tp_group
 
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
     rows = list(ids.split(1))  # one sequence per micro-batch (an interleaved schedule needs >= PP of them)
@@ -204,13 +205,13 @@ def pipeline_logits(chunks, ids: torch.Tensor, vocab: int) -> torch.Tensor | Non
         stored = get_forward_backward_func()(
             forward_step_func=step, data_iterator=[iter(rows) for _ in chunks], model=chunks,
             num_microbatches=len(rows), seq_length=ids.shape[1], micro_batch_size=1, forward_only=True)
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    topology = current_topology()
+    if topology.pp_rank != topology.pp_size - 1:
         return None
     local = torch.cat([s["logits"] for s in stored])
-    size = ps.get_tensor_model_parallel_world_size()
-    if size > 1:
-        shards = [torch.empty_like(local) for _ in range(size)]
-        dist.all_gather(shards, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    if topology.tp_size > 1:
+        shards = [torch.empty_like(local) for _ in range(topology.tp_size)]
+        dist.all_gather(shards, local.contiguous(), group=tp_group())
         local = torch.cat(shards, dim=-1)
     return local[..., :vocab]
 

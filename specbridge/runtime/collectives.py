@@ -55,10 +55,15 @@ def agree(error: BaseException | None) -> None:
     failed = [o for o in outcomes if o is not None]
     if not failed:
         return
-    if error is not None and len(failed) == 1:
-        raise error
-    lines = [f"rank {r}: {msg}" for r, msg in failed]
-    raise ConversionError("failed on " + ", ".join(f"rank {r}" for r, _ in failed) + ":\n  " + "\n  ".join(lines))
+    if error is None or len(failed) > 1:
+        ranks_of: dict[str, list[int]] = {}
+        for r, msg in failed:
+            ranks_of.setdefault(msg, []).append(r)
+        lines = [", ".join(f"rank {r}" for r in ranks) + f": {msg}" for msg, ranks in ranks_of.items()]
+        error = ConversionError("failed on " + ", ".join(f"rank {r}" for r, _ in failed) + ":\n  "
+                                + "\n  ".join(lines))
+    error.on_every_rank = True  # every rank raises (rank 0's report names every failure)
+    raise error
 
 
 MARKER = ".specbridge-output.json"

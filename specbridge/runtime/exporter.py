@@ -14,10 +14,13 @@ import itertools
 import torch
 
 from ..compiler import ir
-from .collectives import agree
 from ..errors import ConversionError
-from .ops import cast, run_export, tp_concat
-from .placement import Ranks, local_tensors, owner
+from . import parallel
+from .collectives import agree
+from .ops import cast, run_export
+from .parallel import Topology
+from .placement import local_tensors, owner, tp_of, writes
+from .tp import tp_concat
 
 
 def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 0) -> list[torch.Tensor] | None:
@@ -30,30 +33,24 @@ def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 
     return shards
 
 
-def gather_tp(local: torch.Tensor, mapping: ir.Mapping, ranks: Ranks, vocab_rows: int | None):
+def gather_tp(local: torch.Tensor, mapping: ir.Mapping, topology: Topology, vocab_rows: int | None):
     """The full tensor on the TP group's first rank (expert-TP group for experts), None on the others: gathered
-    only within the tensor's own group, and only to the rank that converts it."""
-    rank, size = ranks.tp_of(mapping)
+    only within the tensor's own group, and only to the rank that converts it (vocab padding dropped)."""
+    rank, size = tp_of(topology, mapping)
     if size == 1 or mapping.shard.kind == "replicated":
         shards = [local] if rank == 0 else None
     else:
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_expert_tensor_parallel_group() if mapping.expert is not None else \
-            ps.get_tensor_model_parallel_group()
-        shards = _gather_to_root(local, group, size)
+        shards = _gather_to_root(local, parallel.tp_group(expert=mapping.expert is not None), size)
     if shards is None:
         return None
     return tp_concat(shards, mapping, vocab_rows if mapping.shard.kind == "vocab" else None)
 
 
-def gather_ep(tensors: list[torch.Tensor], ranks: Ranks, root: int = 0) -> list[torch.Tensor] | None:
+def gather_ep(tensors: list[torch.Tensor], topology: Topology, root: int = 0) -> list[torch.Tensor] | None:
     """Every EP rank's tensors, on EP rank `root` (None elsewhere)."""
-    if ranks.ep_size == 1:
+    if topology.ep_size == 1:
         return tensors
-    from megatron.core import parallel_state as ps
-
-    blocks = _gather_to_root(torch.stack(tensors), ps.get_expert_model_parallel_group(), ranks.ep_size, root)
+    blocks = _gather_to_root(torch.stack(tensors), parallel.ep_group(), topology.ep_size, root)
     return None if blocks is None else [t for block in blocks for t in block.unbind(0)]
 
 
@@ -63,13 +60,13 @@ def export_groups(plan: ir.Plan):
         yield list(group)
 
 
-def export_weights(chunks, plan: ir.Plan, sink, ranks: Ranks = Ranks(), hf_dtype: torch.dtype | None = None,
+def export_weights(chunks, plan: ir.Plan, sink, topology: Topology = Topology(), hf_dtype: torch.dtype | None = None,
                    check_absent: bool = True, progress=None) -> int:
     """Convert every mapping whose Megatron tensor lives on this rank; on its designated rank each HF tensor goes to
     `sink.add(key, tensor, owned)`, each slice of a stacked HF tensor to `sink.add_slice(key, index, length,
     tensor)` (a `CheckpointWriter`). Errors are agreed on by all ranks at the end (no rank is left waiting in a
     gather). Returns the number of HF tensors this rank completed."""
-    steps = export_steps(chunks, plan, sink, ranks, hf_dtype, check_absent, progress)
+    steps = export_steps(chunks, plan, sink, topology, hf_dtype, check_absent, progress)
     while True:
         try:
             next(steps)
@@ -77,45 +74,45 @@ def export_weights(chunks, plan: ir.Plan, sink, ranks: Ranks = Ranks(), hf_dtype
             return done.value
 
 
-def export_steps(chunks, plan: ir.Plan, sink, ranks: Ranks = Ranks(), hf_dtype: torch.dtype | None = None,
+def export_steps(chunks, plan: ir.Plan, sink, topology: Topology = Topology(), hf_dtype: torch.dtype | None = None,
                  check_absent: bool = True, progress=None):
     """`export_weights` as a generator: yields once after each group has been handed to the sink (so a caller
     can drain the sink in between); every rank must run it to the end. Returns the count `export_weights` does."""
-    tensors = local_tensors(chunks, ranks)
+    tensors = local_tensors(chunks)
     vocab_rows = plan.model_kwargs().get("vocab_size")
     lengths = dict(plan.stacks)
     emitted, error = 0, None
     for group in export_groups(plan):
         with torch.no_grad():
-            for mapping, full in _gathered(group, tensors, ranks, vocab_rows):
-                if error is not None or not ranks.writes(mapping):
+            for mapping, full in _gathered(group, tensors, topology, vocab_rows):
+                if error is not None or not writes(topology, mapping):
                     continue
                 try:
                     emitted += _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent)
                 except ConversionError as exc:
-                    error = exc.located(rank=ranks.rank)
+                    error = exc.located(rank=topology.rank)
         if progress is not None:
             progress(len(group))
         yield
     if error is None and sink.open_stacks():
-        error = ConversionError(f"stacked tensors incomplete after export: {sink.open_stacks()}", rank=ranks.rank)
+        error = ConversionError(f"stacked tensors incomplete after export: {sink.open_stacks()}", rank=topology.rank)
     agree(error)
     return emitted
 
 
-def _gathered(group: list[ir.Mapping], tensors: dict, ranks: Ranks, vocab_rows):
+def _gathered(group: list[ir.Mapping], tensors: dict, topology: Topology, vocab_rows):
     """(mapping, full Megatron tensor) for the group's tensors that reach this rank: gathered within the TP group
     to its first rank, and for experts, one local expert at a time, within the EP group to the group's writing
     rank (which holds one expert per EP rank besides the stack being assembled)."""
     local = [m for m in group if m.mcore in tensors]
     for j, mapping in enumerate(local):
-        full = gather_tp(tensors[mapping.mcore].detach(), mapping, ranks, vocab_rows)
+        full = gather_tp(tensors[mapping.mcore].detach(), mapping, topology, vocab_rows)
         if full is None:
             continue  # not the first rank of this tensor's TP group
         if mapping.expert is None:
             yield mapping, full
             continue
-        pieces = gather_ep([full], ranks, root=owner(mapping, ranks.ep_size))
+        pieces = gather_ep([full], topology, root=owner(mapping, topology.ep_size))
         for ep_rank, piece in enumerate(pieces or ()):
             yield group[ep_rank * len(local) + j], piece
 

@@ -10,20 +10,19 @@ ranks, so every rank ends with the same error naming key, rule and rank.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import torch
 
 from ..compiler import ir
-from ..compiler.layouts import dim_of_axis, infer_sizes
+from ..compiler.layouts import dim_of_axis
 from ..compiler.ops import row as op_row
+from ..errors import ConversionError
+from . import tp
 from .collectives import agree
 from .direct_read import DirectReader
 from .naming import TIED_OUTPUT
-from ..errors import ConversionError
-from .ops import below_tp, cast, run_import, tp_slice
-from .placement import Ranks, local_tensors
+from .ops import cast, run_import
+from .parallel import Topology
+from .placement import local_tensors, tp_of
 
 
 def verify_checkpoint_keys(plan: ir.Plan, available: set[str]) -> None:
@@ -69,7 +68,7 @@ def tied_copies(plan: ir.Plan) -> dict[str, str]:
     return {}
 
 
-def _assignments(plan: ir.Plan, targets: dict, ranks: Ranks) -> dict[str, ir.Mapping]:
+def _assignments(plan: ir.Plan, targets: dict, topology: Topology) -> dict[str, ir.Mapping]:
     """Local name -> the mapping that fills it; raises for a tensor no rule fills."""
     by_mcore = plan.by_mcore()
     skipped = {s.key for s in plan.sentinels if s.side == ir.MCORE}
@@ -81,29 +80,29 @@ def _assignments(plan: ir.Plan, targets: dict, ranks: Ranks) -> dict[str, ir.Map
             if name in skipped:
                 continue
             raise ConversionError(f"Megatron tensor '{name}' would stay unfilled: no rule of spec '{plan.spec}' "
-                                  f"produces it", key=name, rank=ranks.rank)
+                                  f"produces it", key=name, rank=topology.rank)
         out[name] = mapping
     return out
 
 
-def import_weights(chunks, plan: ir.Plan, reader, ranks: Ranks = Ranks(), progress=None) -> int:
+def import_weights(chunks, plan: ir.Plan, reader, topology: Topology = Topology(), progress=None) -> int:
     """Fill every local tensor of `chunks` from `reader`. Returns the number of tensors filled on this rank."""
-    targets = local_tensors(chunks, ranks)
+    targets = local_tensors(chunks)
     error, work = None, {}
     try:
         verify_checkpoint_keys(plan, reader.keys())
         verify_tied_sentinels(plan, reader)
-        work = _assignments(plan, targets, ranks)
+        work = _assignments(plan, targets, topology)
         for name, mapping in work.items():
-            _check_divisible(mapping, reader, ranks)
+            _check_divisible(mapping, reader, topology)
     except ConversionError as exc:
         error = exc
     agree(error)
     try:
         with torch.no_grad(), DirectReader(reader) as direct:
             for name, mapping in work.items():
-                if not direct.fill(targets[name], mapping, *ranks.tp_of(mapping)):
-                    _fill(targets[name], mapping, reader, ranks)
+                if not direct.fill(targets[name], mapping, *tp_of(topology, mapping)):
+                    _fill(targets[name], mapping, reader, topology)
                 if progress is not None:
                     progress(1)
     except ConversionError as exc:
@@ -112,66 +111,56 @@ def import_weights(chunks, plan: ir.Plan, reader, ranks: Ranks = Ranks(), progre
     return len(work)
 
 
-def _check_divisible(mapping: ir.Mapping, reader, ranks: Ranks) -> None:
-    rank, size = ranks.tp_of(mapping)
+def _part_shape(reader, source: ir.Source) -> tuple[int, ...]:
+    """The shape of one HF part (one slice of a stacked tensor)."""
+    return reader.shape(source.key)[1 if source.index is not None else 0:]
+
+
+def _check_divisible(mapping: ir.Mapping, reader, topology: Topology) -> None:
+    rank, size = tp_of(topology, mapping)
     if size == 1 or mapping.shard.kind != "axis" or mapping.shard.axis is None:
         return
-    axis = mapping.shard.axis
-    extent = mapping.layout.size(axis)
-    if extent is None:
-        source = mapping.sources[0]
-        shape = reader.shape(source.key)[1 if source.index is not None else 0:]
-        extent = infer_sizes(mapping.layout, shape, source.part)[axis]
-    if below_tp(mapping, size):
-        extent = math.prod(_fused_dim(mapping, reader))
-        axis = f"dim {mapping.shard.dim}"
+    what, extent = tp.shard_extent(mapping, size, {s.part: _part_shape(reader, s) for s in mapping.sources})
     if extent % size:
         layer = f" (layer {mapping.layer})" if mapping.layer is not None else ""
-        raise ConversionError(f"axis '{axis}' of '{mapping.mcore}'{layer} has size {extent}, which tensor "
-                              f"parallel size {size} does not divide", key=mapping.mcore, rule=mapping.span,
-                              rank=ranks.rank)
+        raise ConversionError(f"{what} of '{mapping.mcore}'{layer} has size {extent}, which tensor parallel size "
+                              f"{size} does not divide", key=mapping.mcore, rule=mapping.span, rank=topology.rank)
 
 
-def _fused_dim(mapping: ir.Mapping, reader) -> tuple[int, ...]:
-    """The factor sizes of the fused tensor's sharded dim, from the HF parts' shapes."""
-    sizes = dict(mapping.layout.sizes)
-    for s in mapping.sources:
-        sizes.update(infer_sizes(mapping.layout, reader.shape(s.key)[1 if s.index is not None else 0:], s.part))
-    extents = dict(mapping.layout.parts)
-    dim = mapping.layout.dims[mapping.shard.dim]
-    return tuple(sum(extents.values()) if f == ir.BRACKET else sizes[f] for f in dim)
-
-
-def _fill(target: torch.Tensor, mapping: ir.Mapping, reader, ranks: Ranks) -> None:
-    rank, size = ranks.tp_of(mapping)
+def _fill(target: torch.Tensor, mapping: ir.Mapping, reader, topology: Topology) -> None:
+    rank, size = tp_of(topology, mapping)
     try:
         local = _build_local(mapping, reader, rank, size, tuple(target.shape))
     except ConversionError as exc:
-        raise exc.located(key=mapping.mcore, rule=mapping.span, rank=ranks.rank) from None
+        raise exc.located(key=mapping.mcore, rule=mapping.span, rank=topology.rank) from None
     except (RuntimeError, ValueError) as exc:
         raise ConversionError(f"cannot build '{mapping.mcore}': {exc}", key=mapping.mcore, rule=mapping.span,
-                              rank=ranks.rank) from None
+                              rank=topology.rank) from None
     if tuple(local.shape) != tuple(target.shape):
         raise ConversionError(f"shape mismatch: the spec gives {list(local.shape)} for this rank, the Megatron "
-                              f"tensor is {list(target.shape)}", key=mapping.mcore, rule=mapping.span, rank=ranks.rank)
+                              f"tensor is {list(target.shape)}", key=mapping.mcore, rule=mapping.span,
+                              rank=topology.rank)
     target.copy_(cast(local, target.dtype))  # a dtype change keeps NaN payloads
 
 
 def _build_local(mapping: ir.Mapping, reader, rank: int, size: int, target_shape) -> torch.Tensor:
-    """This rank's slice of the Megatron tensor, reading only the HF bytes it needs where the layout allows."""
+    """This rank's slice of the Megatron tensor, reading only the HF bytes it needs where the layout allows. A vocab
+    tensor's rows past the real vocabulary are padding: zeros, never read."""
     shard = mapping.shard
+    if shard.kind == "vocab":
+        if len(mapping.sources) == 1 and not mapping.hf_to_mcore:
+            return _read_vocab_rows(mapping.sources[0], reader, rank, target_shape)
+        full = run_import(mapping, _read_parts(mapping, reader), read=reader.get)
+        return tp.tp_slice(full, mapping, rank, size, padded_rows=target_shape[0] * size)
     if size == 1 or shard.kind == "replicated":
         return run_import(mapping, _read_parts(mapping, reader), read=reader.get)
-    if shard.kind == "vocab" and len(mapping.sources) == 1 and not mapping.hf_to_mcore:
-        return _read_vocab_rows(mapping.sources[0], reader, rank, target_shape)
     if shard.kind == "axis" and _row_shardable(mapping, size):
         return _import_rows(mapping, reader, rank, size)
     if shard.kind == "axis" and mapping.layout is None and shard.dim == 1 and not mapping.hf_to_mcore:
         (source,) = mapping.sources
-        chunk = target_shape[1]
-        return reader.get(source.key, source.index, cols=(rank * chunk, (rank + 1) * chunk))
+        return reader.get(source.key, source.index, cols=tp.column_range(rank, target_shape[1]))
     full = run_import(mapping, _read_parts(mapping, reader), read=reader.get)
-    return tp_slice(full, mapping, rank, size, target_shape[0] * size if shard.kind == "vocab" else None)
+    return tp.tp_slice(full, mapping, rank, size)
 
 
 def _read_parts(mapping: ir.Mapping, reader) -> dict[str, torch.Tensor]:
@@ -179,15 +168,14 @@ def _read_parts(mapping: ir.Mapping, reader) -> dict[str, torch.Tensor]:
 
 
 def _read_vocab_rows(source: ir.Source, reader, rank: int, target_shape) -> torch.Tensor:
+    """Rank's rows of a vocab tensor: the real rows it holds, read from disk, then zero rows of padding."""
     rows = target_shape[0]
-    vocab = reader.shape(source.key)[0]
-    start, stop = rank * rows, min((rank + 1) * rows, vocab)
-    tensor = reader.get(source.key, source.index, rows=(start, stop)) if start < stop else None
-    if tensor is not None and tensor.shape[0] == rows:
-        return tensor
-    pad = torch.zeros((rows - (0 if tensor is None else tensor.shape[0]), *target_shape[1:]),
-                      dtype=reader_dtype(reader, source.key))
-    return pad if tensor is None else torch.cat([tensor, pad])
+    start, stop = tp.vocab_row_range(rank, rows, _part_shape(reader, source)[0])
+    real = reader.get(source.key, source.index, rows=(start, stop)) if start < stop else None
+    if real is not None and real.shape[0] == rows:
+        return real
+    pad = torch.zeros((rows - (stop - start), *target_shape[1:]), dtype=reader_dtype(reader, source.key))
+    return pad if real is None else torch.cat([real, pad])
 
 
 def reader_dtype(reader, key: str) -> torch.dtype:
@@ -201,37 +189,16 @@ def _row_shardable(mapping: ir.Mapping, size: int) -> bool:
         return False
     if mapping.layout is None:
         return mapping.shard.dim == 0
-    return dim_of_axis(mapping.layout, mapping.shard.axis) == 0 and not below_tp(mapping, size)
+    return dim_of_axis(mapping.layout, mapping.shard.axis) == 0 and not tp.below_tp(mapping, size)
 
 
 def _import_rows(mapping: ir.Mapping, reader, rank: int, size: int) -> torch.Tensor:
     parts = {s.part: _read_part_rows(mapping, s, reader, rank, size) for s in mapping.sources}
-    return run_import(_localized(mapping, size), parts, read=reader.get)
+    return run_import(tp.localized(mapping, size), parts, read=reader.get)
 
 
 def _read_part_rows(mapping: ir.Mapping, source: ir.Source, reader, rank: int, size: int) -> torch.Tensor:
-    """The rows of one HF part that hold this rank's chunk of the sharded axis (one range per outer index)."""
-    shape = reader.shape(source.key)[1 if source.index is not None else 0:]
-    if mapping.layout is None:
-        factors, position = (shape[0],), 0
-    else:
-        sizes = infer_sizes(mapping.layout, shape, source.part)
-        dim0 = mapping.layout.dims[0]
-        factors = tuple(dict(mapping.layout.parts)[source.part] if f == ir.BRACKET else sizes[f] for f in dim0)
-        position = dim0.index(mapping.shard.axis) if mapping.shard.axis else 0
-    outer, extent, inner = math.prod(factors[:position]), factors[position], math.prod(factors[position + 1:])
-    chunk = extent // size
-    ranges = [((o * extent + rank * chunk) * inner, (o * extent + (rank + 1) * chunk) * inner) for o in range(outer)]
+    """The rows of one HF part that hold this rank's chunk of the sharded axis."""
+    ranges = tp.part_row_ranges(mapping, source.part, _part_shape(reader, source), rank, size)
     pieces = [reader.get(source.key, source.index, rows=r) for r in ranges]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def _localized(mapping: ir.Mapping, size: int) -> ir.Mapping:
-    """The mapping as seen by one TP rank: the sharded axis's bound size divided by the TP size."""
-    if mapping.layout is None:
-        return mapping
-    axis = mapping.shard.axis
-    layout = dataclasses.replace(mapping.layout, sizes=tuple((k, v // size if k == axis else v)
-                                                             for k, v in mapping.layout.sizes))
-    program = tuple(ir.Fuse(layout) if isinstance(op, ir.Fuse) else op for op in mapping.hf_to_mcore)
-    return dataclasses.replace(mapping, hf_to_mcore=program)

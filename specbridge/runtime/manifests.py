@@ -39,10 +39,10 @@ def hf_manifest(architecture: str, hf_config, fmt: str, formats: tuple[str, ...]
                                             for k, v in state.items()))
 
 
-def mcore_manifest(chunks, model_name: str, ep_rank: int = 0) -> ir.Manifest:
+def mcore_manifest(chunks, model_name: str) -> ir.Manifest:
     tensors = []
     for chunk in chunks:
-        names = local_to_global(chunk, ep_rank)
+        names = local_to_global(chunk)
         for local, tensor in named_tensors(chunk).items():
             tensors.append((names[local], tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
     return ir.Manifest(ir.MCORE, f"the megatron-core '{model_name}' model", tuple(tensors))

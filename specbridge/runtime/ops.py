@@ -3,9 +3,9 @@
 `run_import(mapping, parts)` turns the HF tensors of one mapping into the full Megatron tensor;
 `run_export(mapping, tensor)` turns a full Megatron tensor back into its HF parts (asserting absent parts still
 follow their policy). Each op of the op table (`compiler/ops.py`) has one kernel here, `KERNELS[name]`.
-`tp_slice` / `tp_concat` cut and rebuild a tensor-parallel shard along the spec's axis. All kernels are views,
-`cat`s and exact elementwise ops: round trips are bit-exact unless an op is declared inexact (`Mapping.exact`);
-`cast` is the one dtype conversion and keeps NaN payloads.
+Tensor-parallel slicing lives in `runtime/tp.py`. All kernels are views, `cat`s and exact elementwise ops: round
+trips are bit-exact unless an op is declared inexact (`Mapping.exact`); `cast` is the one dtype conversion and
+keeps NaN payloads.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from ..compiler import ir
 from ..compiler.ops import SOURCE
 from ..compiler.ops import row as op_row
-from ..compiler.layouts import axis_position, bracket_position, factored_shape, infer_sizes, shape_of
+from ..compiler.layouts import bracket_position, factored_shape, infer_sizes, shape_of
 from ..errors import ConversionError
 
 
@@ -58,65 +58,6 @@ def zeros_for(layout: ir.Layout, part: str, parts: dict[str, torch.Tensor]) -> t
     sizes = _sizes_from_parts(layout, parts)
     like = next(iter(parts.values()))
     return torch.zeros(shape_of(layout, sizes, part), dtype=like.dtype)
-
-
-# ---------------------------------------------------------------- tensor parallel slices
-
-
-def _axis_view(tensor: torch.Tensor, mapping: ir.Mapping) -> tuple[torch.Tensor, int]:
-    """A view of `tensor` with the sharded axis as its own dim, and that dim's position."""
-    shard, layout = mapping.shard, mapping.layout
-    if layout is None or shard.axis is None:
-        return tensor, shard.dim
-    sizes = infer_sizes(layout, tuple(tensor.shape))
-    return tensor.reshape(factored_shape(layout, sizes)), axis_position(layout, shard.axis)
-
-
-def below_tp(mapping: ir.Mapping, size: int) -> bool:
-    """The sharded axis has fewer entries than TP ranks (e.g. 1-2 KV groups on a TP of 2-4). megatron-core then
-    splits the whole dim evenly, cutting through the group, and all-gathers the projection's output."""
-    shard, layout = mapping.shard, mapping.layout
-    extent = layout.size(shard.axis) if layout is not None and shard.axis is not None else None
-    return extent is not None and extent < size
-
-
-def tp_slice(tensor: torch.Tensor, mapping: ir.Mapping, rank: int, size: int, padded_rows: int | None = None):
-    """The rank's shard of a full Megatron tensor (vocab shards are zero-padded to `padded_rows` first)."""
-    shard = mapping.shard
-    if shard.kind == "replicated" or size == 1 and shard.kind != "vocab":
-        return tensor
-    if shard.kind == "vocab":
-        if padded_rows is not None and padded_rows > tensor.shape[0]:
-            pad = tensor.new_zeros((padded_rows - tensor.shape[0], *tensor.shape[1:]))
-            tensor = torch.cat([tensor, pad])
-        return tensor.chunk(size, dim=0)[rank] if size > 1 else tensor
-    view, dim = (tensor, shard.dim) if below_tp(mapping, size) else _axis_view(tensor, mapping)
-    if view.shape[dim] % size:
-        raise ConversionError(f"axis '{shard.axis or shard.dim}' of size {view.shape[dim]} does not divide by "
-                              f"tensor parallel size {size}", key=mapping.mcore, rule=mapping.span)
-    local = view.chunk(size, dim=dim)[rank]
-    out_shape = list(tensor.shape)
-    out_shape[shard.dim] //= size
-    return local.reshape(out_shape)
-
-
-def tp_concat(shards: list[torch.Tensor], mapping: ir.Mapping, vocab_rows: int | None = None) -> torch.Tensor:
-    """Inverse of `tp_slice`: the full tensor from every rank's shard (vocab padding removed)."""
-    shard = mapping.shard
-    if shard.kind == "replicated" or len(shards) == 1 and shard.kind != "vocab":
-        return shards[0]
-    if shard.kind == "vocab":
-        full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
-        return full[:vocab_rows] if vocab_rows is not None else full
-    if mapping.layout is None or shard.axis is None or below_tp(mapping, len(shards)):
-        return torch.cat(shards, dim=shard.dim)
-    full_shape = list(shards[0].shape)
-    full_shape[shard.dim] *= len(shards)
-    sizes = infer_sizes(mapping.layout, tuple(full_shape))
-    local_sizes = dict(sizes, **{shard.axis: sizes[shard.axis] // len(shards)})
-    pos = axis_position(mapping.layout, shard.axis)
-    views = [s.reshape(factored_shape(mapping.layout, local_sizes)) for s in shards]
-    return torch.cat(views, dim=pos).reshape(full_shape)
 
 
 # ---------------------------------------------------------------- programs: one kernel per op of the op table

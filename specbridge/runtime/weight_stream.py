@@ -19,7 +19,7 @@ import torch
 from ..compiler import ir
 from ..errors import ConversionError, UsageError
 from . import exporter
-from .placement import Ranks
+from .parallel import Topology
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -75,12 +75,12 @@ class BucketSink:
         return ready
 
 
-def iter_hf_weights(chunks, plan: ir.Plan, ranks: Ranks, bucket_bytes: int, hf_dtype: torch.dtype | None = None,
+def iter_hf_weights(chunks, plan: ir.Plan, topology: Topology, bucket_bytes: int, hf_dtype: torch.dtype | None = None,
                     check_absent: bool = True) -> Iterator[Bucket]:
     """Buckets of (HF name, tensor) for this rank's share of the model (see the module docstring); the bound is
     checked at the call, the export runs as the buckets are consumed."""
     sink = BucketSink(bucket_bytes)
-    steps = exporter.export_steps(chunks, plan, sink, ranks, hf_dtype=hf_dtype, check_absent=check_absent)
+    steps = exporter.export_steps(chunks, plan, sink, topology, hf_dtype=hf_dtype, check_absent=check_absent)
     return _drain(steps, sink)
 
 

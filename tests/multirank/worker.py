@@ -23,35 +23,33 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=12)
     args = parser.parse_args()
 
-    from megatron.core import parallel_state as ps
-
     from specbridge.api import Converter
     from specbridge.runtime import mcore_checkpoint
-    from specbridge.runtime.placement import Ranks, local_tensors
     from specbridge.runtime.parallel import init_parallel
+    from specbridge.runtime.placement import local_tensors
     from specbridge.verify import pipeline_logits
 
-    init_parallel(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
-    ranks = Ranks.current()
+    topology = init_parallel(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
     conv = Converter.from_pretrained(args.hf_dir)
     overrides = {"num_layers_in_first_pipeline_stage": args.first_stage_layers} if args.first_stage_layers else {}
     chunks = conv.build_model(extra_transformer=overrides)
     reader = conv.import_weights(chunks, args.hf_dir)
     out = Path(args.out)
-    local = local_tensors(chunks, ranks)
+    local = local_tensors(chunks)
     owned = sum(t.numel() * 4 for name, t in local.items())
     vocab = conv.plan.model_kwargs()["vocab_size"]
     ids = torch.randint(0, vocab, (2, args.seq_len), generator=torch.Generator().manual_seed(0))
     logits = pipeline_logits(chunks, ids, vocab)
-    if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+    if logits is not None and topology.tp_rank == 0:
         torch.save(logits, out / "logits.pt")
     conv.export_weights(chunks, out / "hf")
     mcore_checkpoint.save(chunks, out / "mcore", {"spec": str(conv.spec_path), "architecture": conv.plan.architecture,
-                                                   "format": conv.plan.format, "hf_config": conv.hf_config.to_dict()})
-    report = {"rank": ranks.rank, "bytes_read": reader.bytes_read, "local_bytes": owned,
+                                                   "format": conv.plan.format, "hf_config": conv.hf_config.to_dict(),
+                                                   "padded_vocab_size": chunks[0].vocab_size})
+    report = {"rank": topology.rank, "bytes_read": reader.bytes_read, "local_bytes": owned,
               "local_layers": sorted({int(n.split(".")[2]) for n in local if n.startswith("decoder.layers.")}),
               "local_experts": sorted({int(n.split(".")[6]) for n in local if ".local_experts." in n})}
-    (out / f"rank{ranks.rank}.json").write_text(json.dumps(report))
+    (out / f"rank{topology.rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

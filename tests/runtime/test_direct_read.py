@@ -12,7 +12,7 @@ import torch
 from specbridge.api import Converter
 from specbridge.errors import ConversionError
 from specbridge.runtime import direct_read
-from specbridge.runtime.placement import Ranks, local_tensors
+from specbridge.runtime.placement import local_tensors
 from tests.support import FAMILIES, save_tiny
 
 
@@ -36,7 +36,7 @@ def _import(hf_dir, dtype=None, direct=True, monkeypatch=None, cast=False):
 
     monkeypatch.setattr(direct_read.DirectReader, "fill", fill)
     reader = conv.import_weights(chunks, hf_dir, cast=cast)
-    params = {k: v.detach().clone() for k, v in local_tensors(chunks, Ranks()).items()}
+    params = {k: v.detach().clone() for k, v in local_tensors(chunks).items()}
     return params, reader.bytes_read, sum(filled), len(filled)
 
 
@@ -73,7 +73,7 @@ def test_dtype_change_takes_the_general_path(checkpoints, monkeypatch, parallel)
 def test_fused_qkv_is_one_read_per_group_and_part(checkpoints):
     conv = Converter.from_pretrained(checkpoints["llama"])
     chunks = conv.build_model()
-    target = local_tensors(chunks, Ranks())["decoder.layers.0.self_attention.linear_qkv.weight"]
+    target = local_tensors(chunks)["decoder.layers.0.self_attention.linear_qkv.weight"]
     mapping = conv.plan.by_mcore()["decoder.layers.0.self_attention.linear_qkv.weight"]
     with direct_read.DirectReader(_reader(checkpoints["llama"])) as direct:
         plan = direct_read.plan_reads(target, mapping, direct.entry, 0, 1)

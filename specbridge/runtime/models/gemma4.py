@@ -23,24 +23,6 @@ def _text_config(hf_config):
     return hf_config
 
 
-def _parallel_defaults() -> dict:
-    """TransformerConfig parallel sizes read from megatron's parallel_state (empty when uninitialised)."""
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return {}
-    sizes = dict(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-    )
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-    if vpp:
-        sizes["virtual_pipeline_model_parallel_size"] = vpp
-    return sizes
-
-
 def build_gemma4(
     transformer: dict,
     model: dict,
@@ -71,11 +53,12 @@ def build_gemma4(
     )
     from specbridge.runtime.models.gemma4_layer import gemma4_block_spec
     from specbridge.runtime.models.gemma4_model import Gemma4Model
-    from specbridge.runtime.models.gpt import transformer_config_kwargs
+    from specbridge.runtime.models.gpt import transformer_config
+    from specbridge.runtime.parallel import transformer_fields
 
     hf_config = _text_config(hf_config)
-    kwargs = {**transformer_kwargs(hf_config), **_parallel_defaults(), **transformer}
-    config = Gemma4TransformerConfig(**transformer_config_kwargs(kwargs))
+    kwargs = {**transformer_kwargs(hf_config), **transformer_fields(), **transformer}
+    config = transformer_config(kwargs, Gemma4TransformerConfig)
     gemma = Gemma4Model(
         config=config,
         transformer_layer_spec=gemma4_block_spec(config, vp_stage),

@@ -2,7 +2,8 @@
 
 Contract: `build_gpt(transformer, model)` takes a dict of `TransformerConfig` keyword arguments and a
 dict of `GPTModel` keyword arguments (plain data, e.g. from a spec's config mapping) and answers a
-`GPTModel` for this rank's place in the parallel layout (parallel state must be initialised). It
+`GPTModel` for this rank's place in the parallel layout (parallel state must be initialised; parallel sizes
+not given come from `parallel.transformer_fields()`; a field TransformerConfig lacks raises `UnknownConfigField`). It
 uses megatron-core's *local* layer spec (torch norms, no TransformerEngine/apex), SequentialMLP
 experts, fp32 parameters unless `params_dtype` says otherwise, and CPU initialisation. Without a GPU
 every fusion flag that needs CUDA kernels is forced off and `cpu_compat.apply()` is run.
@@ -59,27 +60,12 @@ def _dtype(value: str | torch.dtype) -> torch.dtype:
     return _DTYPES[value.removeprefix("torch.")]
 
 
-def parallel_sizes() -> dict:
-    """TransformerConfig's parallel-size fields, read from the initialised megatron parallel_state.
-
-    GPTModel decides how many layers this pipeline stage builds from
-    `config.pipeline_model_parallel_size` (not from parallel_state), so these must be filled in.
-    """
-    from megatron.core import parallel_state as ps
-
-    return dict(
-        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
-        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
-        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-    )
-
-
 def transformer_config_kwargs(transformer: dict) -> dict:
-    """The TransformerConfig kwargs actually used: names resolved, parallel sizes from
-    parallel_state (unless given), CPU-required flags applied."""
-    kwargs = {**parallel_sizes(), **transformer}
+    """The TransformerConfig kwargs actually used: names resolved, parallel sizes from the current topology
+    (unless given), CPU-required flags applied."""
+    from specbridge.runtime.parallel import transformer_fields
+
+    kwargs = {**transformer_fields(), **transformer}
     kwargs["activation_func"] = activation(kwargs.get("activation_func", "gelu"))
     kwargs["params_dtype"] = _dtype(kwargs.get("params_dtype", torch.float32))
     kwargs["pipeline_dtype"] = _dtype(kwargs.get("pipeline_dtype", kwargs["params_dtype"]))
@@ -88,6 +74,29 @@ def transformer_config_kwargs(transformer: dict) -> dict:
         kwargs.update({flag: False for flag in _CPU_OFF_FLAGS})
         kwargs["use_cpu_initialization"] = True
     return kwargs
+
+
+class UnknownConfigField(TypeError):
+    """TransformerConfig kwargs that the config class has no field for (`fields`, sorted)."""
+
+    def __init__(self, fields: list[str], config_class: type):
+        self.fields, self.config_class = fields, config_class
+        super().__init__(f"{config_class.__name__} has no field {', '.join(map(repr, fields))}")
+
+
+def transformer_config(transformer: dict, config_class=None):
+    """A megatron-core `TransformerConfig` (or `config_class`, a subclass of it) from plain kwargs, by
+    `transformer_config_kwargs`; a kwarg the class has no field for raises `UnknownConfigField`."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config_class = config_class or TransformerConfig
+    kwargs = transformer_config_kwargs(transformer)
+    unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(config_class) if f.init})
+    if unknown:
+        raise UnknownConfigField(unknown, config_class)
+    return config_class(**kwargs)
 
 
 def layer_spec(config):
@@ -119,9 +128,8 @@ def build_gpt(
     """
     cpu_compat.apply()
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
-    config = TransformerConfig(**transformer_config_kwargs(transformer))
+    config = transformer_config(transformer)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config),
