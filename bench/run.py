@@ -17,7 +17,8 @@ Steps (each conversion measurement runs in a fresh subprocess so its memory peak
                 `torchrun --nproc-per-node 2 -m specbridge roundtrip DIR --ep 2` as a functional check.
 Results: <out>/results.json and <out>/results.md (every time also as a ratio to the floor of the same run).
 
-This file is the command line and the driver; each purpose has its module: geometry.py (the model and its
+This file is the command line and the driver; each purpose has its module: record.py (side by side and the
+record, bench/sidebyside/), geometry.py (the model and its
 tensor list), checkpoint.py (generation), floor.py (the I/O floor), measure.py (conversion, profile, compile
 workers), multirank.py (two ranks), machine.py (memory sampling, page cache, environment), report.py (markdown).
 Workers run as `bench/run.py _worker KIND ...` in fresh processes.
@@ -42,6 +43,7 @@ from bench.geometry import make_config, numel, tensor_list  # noqa: E402
 from bench.machine import GB, drop_caches, environment  # noqa: E402
 from bench.measure import worker_compile, worker_convert, worker_profile  # noqa: E402
 from bench.multirank import multirank, multirank_phases, worker_multirank  # noqa: E402
+from bench.record import record  # noqa: E402
 from bench.report import fmt_gb, markdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -78,7 +80,19 @@ def main(argv=None) -> int:
     parser.add_argument("--cli-flags", default="--ep 2",
                         help="flags of the CLI check `torchrun ... -m specbridge roundtrip` (smallest checkpoint)")
     parser.add_argument("--profile", action="store_true", help="also cProfile import/export (largest layer count)")
+    parser.add_argument("--mb-venv", default=None,
+                        help="a Megatron-Bridge venv (bench/sidebyside): measure it side by side on the workloads")
+    parser.add_argument("--workloads", default="w1_llama,w2_qwen3moe,w3_gemma4", help="side-by-side workloads")
+    parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds (interleaved)")
+    parser.add_argument("--sidebyside-tp", default="1,2", help="side-by-side TP sizes")
+    parser.add_argument("--e2e-tp", default="1,2", help="side by side: TP sizes also run end to end ('' for none)")
+    parser.add_argument("--e2e-rounds", type=int, default=None, help="side by side: end to end in the first N rounds")
+    parser.add_argument("--no-sidebyside", dest="sidebyside", action="store_false")
+    parser.add_argument("--sidebyside-only", action="store_true", help="skip the Gemma 4 26B-A4B slice")
+    parser.add_argument("--results", default=str(HERE / "results"), help="latest.json / latest.md (committed)")
     args = parser.parse_args(argv)
+    if args.sidebyside_only:
+        return record(args, None)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +164,7 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     print(f"total {results['total_s']:.0f} s; results in {out / 'results.json'} and {out / 'results.md'}")
-    return 0
+    return record(args, results)
 
 
 def worker_main(argv) -> int:

@@ -5,6 +5,8 @@
     chunks = conv.build_model()                                 # this rank's megatron-core model chunk(s)
     conv.import_weights(chunks, "path/to/hf_checkpoint")
     conv.export_weights(chunks, "out/hf")                       # safetensors + config.json, atomically
+    for bucket in conv.iter_hf_weights(chunks):                 # or in memory: [(HF name, tensor), ...]
+        engine.load_weights(bucket)
 
 Parallel state must be initialised first (`specbridge.runtime.parallel.init_parallel`, a single-process world
 when not under torchrun).
@@ -204,6 +206,16 @@ class Converter:
                 for path in carry:
                     shutil.copyfile(path, staging / Path(path).name)
         return Path(out_dir)
+
+    def iter_hf_weights(self, chunks, bucket_bytes: int = 512 << 20, dtype: torch.dtype | None = None,
+                        check_absent: bool = True):
+        """HF-named tensors of the model, without touching disk, as lists of `(name, tensor)` of at most
+        `bucket_bytes` each (a larger single tensor comes alone): exactly what `export_weights` would write, each
+        tensor on the rank that would write it. Every rank must consume the generator to the end."""
+        from .runtime.weight_stream import iter_hf_weights
+
+        return iter_hf_weights(chunks, self.expanded_plan(), current_topology(), bucket_bytes,
+                               dtype or chunks[0].config.params_dtype, check_absent)
 
     # ------------------------------------------------------------ LoRA adapters (derived from the base plan)
     @functools.cached_property

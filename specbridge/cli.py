@@ -263,10 +263,10 @@ def cmd_explain(args) -> int:
 
 def cmd_compile(args) -> int:
     from . import compiler
-    from .api import resolve_spec_path
     from .compiler.emit import emit_module
+    from .inputs import spec_path
 
-    path = resolve_spec_path(args.spec, None)
+    path = spec_path(args.spec)
     Path(args.output).write_text(emit_module(compiler.load(path)))
     print(f"wrote {args.output} from {path}")
     return 0

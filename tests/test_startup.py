@@ -75,3 +75,19 @@ def test_the_filters_silence_megatron_only():
         warnings.warn_explicit("Apex is not installed", UserWarning, "backends.py", 1, module="megatron.core.x")
         warnings.warn_explicit("a user's own warning", UserWarning, "mine.py", 1, module="mine")
     assert [str(w.message) for w in seen] == ["a user's own warning"]
+
+
+def test_compile_loads_no_heavy_library(tmp_path):
+    done = run("-c", PROBE, "compile", "llama", "-o", str(tmp_path / "bridge.py"), cwd=tmp_path)
+    assert json.loads(done.stdout.splitlines()[-1]) == {"code": 0, "heavy": []}, done.stderr
+    assert (tmp_path / "bridge.py").read_text().strip()
+
+
+def test_explain_builds_no_model(tiny_config, tmp_path):
+    """`explain` reads the HF config (transformers) but builds no model (no megatron-core)."""
+    probe = PROBE.replace("{m.split('.')[0] for m in sys.modules}", "set(sys.modules)").replace(
+        repr(HEAVY), repr(("torch", "megatron.core", "transformers")))
+    done = run("-c", probe, "explain", "llama", "--config", str(tiny_config),
+               "decoder.layers.0.self_attention.linear_qkv.weight", cwd=tmp_path)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["code"] == 0 and "megatron.core" not in result["heavy"], done.stderr

@@ -66,12 +66,24 @@ def export_weights(chunks, plan: ir.Plan, sink, topology: Topology = Topology(),
     `sink.add(key, tensor, owned)`, each slice of a stacked HF tensor to `sink.add_slice(key, index, length,
     tensor)` (a `CheckpointWriter`). Errors are agreed on by all ranks at the end (no rank is left waiting in a
     gather). Returns the number of HF tensors this rank completed."""
+    steps = export_steps(chunks, plan, sink, topology, hf_dtype, check_absent, progress)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def export_steps(chunks, plan: ir.Plan, sink, topology: Topology = Topology(), hf_dtype: torch.dtype | None = None,
+                 check_absent: bool = True, progress=None):
+    """`export_weights` as a generator: yields once after each group has been handed to the sink (so a caller
+    can drain the sink in between); every rank must run it to the end. Returns the count `export_weights` does."""
     tensors = local_tensors(chunks)
     vocab_rows = plan.model_kwargs().get("vocab_size")
     lengths = dict(plan.stacks)
     emitted, error = 0, None
-    with torch.no_grad():
-        for group in export_groups(plan):
+    for group in export_groups(plan):
+        with torch.no_grad():
             for mapping, full in _gathered(group, tensors, topology, vocab_rows):
                 if error is not None or not writes(topology, mapping):
                     continue
@@ -79,8 +91,9 @@ def export_weights(chunks, plan: ir.Plan, sink, topology: Topology = Topology(),
                     emitted += _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent)
                 except ConversionError as exc:
                     error = exc.located(rank=topology.rank)
-            if progress is not None:
-                progress(len(group))
+        if progress is not None:
+            progress(len(group))
+        yield
     if error is None and sink.open_stacks():
         error = ConversionError(f"stacked tensors incomplete after export: {sink.open_stacks()}", rank=topology.rank)
     agree(error)

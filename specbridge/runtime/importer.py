@@ -18,6 +18,7 @@ from ..compiler.ops import row as op_row
 from ..errors import ConversionError
 from . import tp
 from .collectives import agree
+from .direct_read import DirectReader
 from .naming import TIED_OUTPUT
 from .ops import cast, run_import
 from .parallel import Topology
@@ -98,9 +99,10 @@ def import_weights(chunks, plan: ir.Plan, reader, topology: Topology = Topology(
         error = exc
     agree(error)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), DirectReader(reader) as direct:
             for name, mapping in work.items():
-                _fill(targets[name], mapping, reader, topology)
+                if not direct.fill(targets[name], mapping, *tp_of(topology, mapping)):
+                    _fill(targets[name], mapping, reader, topology)
                 if progress is not None:
                     progress(1)
     except ConversionError as exc:

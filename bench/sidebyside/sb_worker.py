@@ -1,0 +1,157 @@
+"""specbridge side of the side-by-side bench, and the read/write floor (run with specbridge's python).
+
+    sb_worker.py inproc HF_DIR OUT JSON [--tp N]   import into memory (bf16), export HF, stream (phases timed)
+    sb_worker.py floor HF_DIR OUT JSON             read every tensor once into fresh memory, write it once
+
+Each phase records wall and CPU seconds, the load average, and the peak resident memory (file-backed pages
+included) sampled every 5 ms; under torchrun the phases are separated by barriers and rank 0 reports the
+slowest rank.
+"""
+
+import time
+
+T_START = time.time()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _resident() -> tuple[int, int]:
+    """(resident bytes, of which file-backed)."""
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return int(fields[1]) * PAGE, int(fields[2]) * PAGE
+
+
+class Phases:
+    """Times named phases and samples the peak resident memory inside each."""
+
+    def __init__(self, barrier=lambda: None):
+        self.barrier, self.res, self._peak, self._stop = barrier, {}, 0, False
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        while not self._stop:
+            self._peak = max(self._peak, _resident()[0])
+            time.sleep(0.005)
+
+    def run(self, name, fn, *args):
+        self.barrier()
+        self._peak = start_rss = _resident()[0]
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn(*args)
+        self.barrier()
+        self.res[name] = {"s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                          "load1": os.getloadavg()[0], "rss_start_gb": start_rss / 1e9,
+                          "rss_peak_gb": max(self._peak, _resident()[0]) / 1e9}
+        return out
+
+    def close(self):
+        self._stop = True
+
+
+def inproc(args):
+    import torch
+    import torch.distributed as dist
+
+    from specbridge.api import Converter
+    from specbridge.runtime.parallel import init_parallel
+    from specbridge.runtime.placement import Ranks, local_tensors
+
+    init_parallel(tp=args.tp)
+    imports_s = time.time() - T_START
+    phases = Phases(dist.barrier if dist.get_world_size() > 1 else lambda: None)
+    conv = phases.run("plan", Converter.from_pretrained, args.hf_dir)
+    chunks = phases.run("build", conv.build_model, torch.bfloat16)
+    reader = phases.run("import", conv.import_weights, chunks, args.hf_dir)
+    params = local_tensors(chunks, Ranks.current())
+    os.sync()
+    phases.run("export", conv.export_weights, chunks, args.out)
+
+    def stream():
+        return sum(t.numel() * t.element_size() for bucket in conv.iter_hf_weights(chunks, args.bucket_bytes)
+                   for _, t in bucket)
+
+    stream_bytes = phases.run("stream", stream)
+    phases.close()
+    sizes = [t.numel() * t.element_size() for t in params.values()]
+    report = {"imports_s": imports_s, "phases": phases.res, "bytes_read": reader.bytes_read,
+              "param_bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "stream_bytes": stream_bytes,
+              "param_dtypes": sorted({str(t.dtype) for t in params.values()})}
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report) if dist.get_world_size() > 1 else reports.__setitem__(0, report)
+    if dist.get_rank() == 0:
+        summary = dict(report, ranks=reports, stream_bytes=sum(r["stream_bytes"] for r in reports),
+                       versions=versions())
+        with open(args.json, "w") as f:
+            json.dump(summary, f)
+
+
+def floor(args):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from specbridge.runtime.direct_read import read_header
+
+    files = sorted(f for f in os.listdir(args.hf_dir) if f.endswith(".safetensors"))
+    phases = Phases()
+
+    def read_mmap():  # safetensors' own read (mmap), each tensor copied into freshly allocated memory
+        shards = []
+        for name in files:
+            with safe_open(os.path.join(args.hf_dir, name), "pt") as handle:
+                shards.append((name, {k: handle.get_tensor(k).clone() for k in handle.keys()}))
+        return shards
+
+    def read_pread():  # one read() per tensor straight into a freshly allocated tensor, one thread
+        total = 0
+        for name in files:
+            path = os.path.join(args.hf_dir, name)
+            with open(path, "rb", buffering=0) as f:
+                for key, entry in read_header(path).items():
+                    tensor = torch.empty(entry.shape, dtype=entry.dtype)
+                    if tensor.numel():
+                        f.seek(entry.offset)
+                        total += f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        return total
+
+    nbytes = phases.run("read_pread", read_pread)
+    shards = phases.run("read_mmap", read_mmap)
+    os.makedirs(args.out, exist_ok=True)
+    os.sync()
+
+    def write():
+        for name, tensors in shards:
+            save_file(tensors, os.path.join(args.out, name), metadata={"format": "pt"})
+
+    phases.run("write", write)
+    phases.close()
+    with open(args.json, "w") as f:
+        json.dump({"phases": phases.res, "bytes": nbytes, "imports_s": None}, f)
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "megatron-core", "transformers", "safetensors")}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("inproc", "floor"))
+    parser.add_argument("hf_dir")
+    parser.add_argument("out")
+    parser.add_argument("json")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--bucket-bytes", type=int, default=512 << 20)
+    args = parser.parse_args()
+    {"inproc": inproc, "floor": floor}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

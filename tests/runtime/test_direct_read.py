@@ -1,0 +1,143 @@
+"""Direct reads (file -> parameter memory by preadv): the same parameters, bit for bit, as the general path
+(read, build the local tensor, copy), on every family and in bf16; broken headers and truncated files are
+`ConversionError`s; a fused QKV is filled by one read per (query group, part)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specbridge.api import Converter
+from specbridge.errors import ConversionError
+from specbridge.runtime import direct_read
+from specbridge.runtime.placement import local_tensors
+from tests.support import FAMILIES, save_tiny
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("direct")
+    return {family: save_tiny(family, root / family, max_shard_size="100KB") for family in FAMILIES}
+
+
+def _import(hf_dir, dtype=None, direct=True, monkeypatch=None, cast=False):
+    """(parameters, bytes read, mappings filled directly)."""
+    conv = Converter.from_pretrained(hf_dir)
+    chunks = conv.build_model(params_dtype=dtype)
+    filled = []
+    original = direct_read.DirectReader.fill
+
+    def fill(self, target, mapping, rank, size):
+        ok = direct and original(self, target, mapping, rank, size)
+        filled.append(ok)
+        return ok
+
+    monkeypatch.setattr(direct_read.DirectReader, "fill", fill)
+    reader = conv.import_weights(chunks, hf_dir, cast=cast)
+    params = {k: v.detach().clone() for k, v in local_tensors(chunks).items()}
+    return params, reader.bytes_read, sum(filled), len(filled)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_direct_equals_general_path(family, checkpoints, monkeypatch, parallel):
+    direct, direct_bytes, n_direct, n = _import(checkpoints[family], monkeypatch=monkeypatch)
+    general, general_bytes, _, _ = _import(checkpoints[family], direct=False, monkeypatch=monkeypatch)
+    assert direct.keys() == general.keys()
+    assert [k for k in direct if not torch.equal(direct[k], general[k])] == []
+    assert direct_bytes == general_bytes
+    assert n_direct == n  # every mapping of the shipped specs is placed directly at TP1
+
+
+def test_bf16_checkpoint_into_bf16_parameters(tmp_path, monkeypatch, parallel):
+    hf_dir = save_tiny("qwen3_moe", tmp_path / "hf")
+    model_dir = tmp_path / "bf16"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16).save_pretrained(str(model_dir))
+    direct, _, n_direct, n = _import(model_dir, torch.bfloat16, monkeypatch=monkeypatch)
+    general, _, _, _ = _import(model_dir, torch.bfloat16, direct=False, monkeypatch=monkeypatch)
+    assert [k for k in direct if not torch.equal(direct[k], general[k])] == []
+    kept_fp32 = [k for k, t in direct.items() if t.dtype != torch.bfloat16]  # megatron-core's torch norms
+    assert all(k.endswith("layernorm.weight") for k in kept_fp32)
+    assert n_direct == n - len(kept_fp32)  # only those (a dtype change) take the general path
+
+
+def test_dtype_change_takes_the_general_path(checkpoints, monkeypatch, parallel):
+    params, _, n_direct, n = _import(checkpoints["llama"], torch.bfloat16, monkeypatch=monkeypatch, cast=True)
+    kept_fp32 = sum(t.dtype == torch.float32 for t in params.values())  # megatron-core's torch norms
+    assert n_direct == kept_fp32 < n
+
+
+def test_fused_qkv_is_one_read_per_group_and_part(checkpoints):
+    conv = Converter.from_pretrained(checkpoints["llama"])
+    chunks = conv.build_model()
+    target = local_tensors(chunks)["decoder.layers.0.self_attention.linear_qkv.weight"]
+    mapping = conv.plan.by_mcore()["decoder.layers.0.self_attention.linear_qkv.weight"]
+    with direct_read.DirectReader(_reader(checkpoints["llama"])) as direct:
+        plan = direct_read.plan_reads(target, mapping, direct.entry, 0, 1)
+    groups = conv.hf_config.num_key_value_heads
+    assert len(plan.reads) == 3 * groups
+    assert sum(r.nbytes for r in plan.reads) == target.numel() * target.element_size()
+    assert sorted((r.into, r.into + r.nbytes) for r in plan.reads)[-1][1] == target.numel() * 4
+    # at TP2, rank 1 reads the second half of the groups only
+    with direct_read.DirectReader(_reader(checkpoints["llama"])) as direct:
+        half = target.view(2, -1)[1].view(-1, target.shape[1])
+        plan = direct_read.plan_reads(half.clone(), mapping, direct.entry, 1, 2)
+    assert len(plan.reads) == 3 * groups // 2
+
+
+def _reader(hf_dir):
+    from specbridge.runtime.safetensors_io import CheckpointReader
+
+    return CheckpointReader(hf_dir)
+
+
+def _first_shard(hf_dir):
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    return hf_dir / sorted(set(index["weight_map"].values()))[0]
+
+
+def _rewrite(path, edit):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n:])
+
+
+def test_header_beyond_the_file_is_rejected(tmp_path):
+    hf_dir = save_tiny("llama", tmp_path / "hf", max_shard_size="100KB")
+    shard = _first_shard(hf_dir)
+
+    def lie(header):
+        key = next(k for k in header if k != "__metadata__")
+        begin, end = header[key]["data_offsets"]
+        header[key]["data_offsets"] = [begin + 10**9, end + 10**9]
+
+    _rewrite(shard, lie)
+    with pytest.raises(ConversionError, match="beyond the end of the file"):
+        direct_read.read_header(shard)
+
+
+@pytest.mark.parametrize("prefix", [b"", b"\x00" * 8, (1 << 40).to_bytes(8, "little")])
+def test_bad_header_length_is_rejected(tmp_path, prefix):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(prefix + b"{}")
+    with pytest.raises(ConversionError, match="header length"):
+        direct_read.read_header(path)
+
+
+def test_truncated_file_is_a_conversion_error(tmp_path, parallel):
+    hf_dir = save_tiny("llama", tmp_path / "hf", max_shard_size="100KB")
+    shard = _first_shard(hf_dir)
+    raw = shard.read_bytes()
+    # keep the header, drop the data: the header check catches it before any read
+    shard.write_bytes(raw[:len(raw) // 2])
+    conv = Converter.from_pretrained(hf_dir)
+    chunks = conv.build_model()
+    with pytest.raises(ConversionError):
+        conv.import_weights(chunks, hf_dir)
