@@ -451,7 +451,7 @@ TEMPLATES = Templates(
             when=Value(lambda cfg, i: sym_dense(cfg, i), Span(FILE, 100, 11, 8), ("i",)),
         ),
     ),
-    span=Span(FILE, 2, 1),
+    span=Span(FILE, 3, 1),
 )
 
 

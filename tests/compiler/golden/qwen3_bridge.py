@@ -508,7 +508,7 @@ TEMPLATES = Templates(
             ),
         ),
     ),
-    span=Span(FILE, 2, 1),
+    span=Span(FILE, 3, 1),
 )
 
 

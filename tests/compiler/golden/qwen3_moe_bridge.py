@@ -678,7 +678,7 @@ TEMPLATES = Templates(
             format="per_expert",
         ),
     ),
-    span=Span(FILE, 2, 1),
+    span=Span(FILE, 3, 1),
 )
 
 
