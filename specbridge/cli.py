@@ -34,7 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEMO_FAMILIES = ("llama", "llama_tied", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_unnormed", "qwen3_moe_mixed",
                  "qwen2", "mistral", "mixtral", "gemma4_moe", "gemma4_dense", "gemma4_e2b", "gemma4_e4b", "gemma4_vlm",
-                 "gemma4_vlm_dense", "gemma4_e2b_vlm", "gemma4_e4b_vlm")  # specbridge.demo.FAMILIES (tests/test_cli.py keeps the two equal)
+                 "gemma4_vlm_dense", "gemma4_e2b_vlm", "gemma4_e4b_vlm")
+# (specbridge.demo.FAMILIES; tests/test_cli.py keeps the two equal)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,22 +61,25 @@ def _parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--spec", default=None, help="spec file or built-in name (default: from config.json)")
         p.add_argument("--architecture", default=None, help="HF architecture (default: from config.json)")
-        p.add_argument("--format", default=None, help="HF on-disk format of the spec (default: detected)")
+        p.add_argument("--format", default=None, help="HF on-disk format of the spec, one of its hf.formats, e.g. "
+                       "fused or per_expert (default: detected from the keys)")
 
     p = sub.add_parser("check", help="prove coverage of SPEC for CONFIG")
     spec_flags(p, True)
     p.add_argument("--lora", action="store_true", help="also prove the LoRA adapter plan derived from the spec")
     p = sub.add_parser("explain", help="how one tensor name (either side) is derived")
     spec_flags(p, True)
-    p.add_argument("name")
+    p.add_argument("name", help="a tensor name of either side (HF key or Megatron parameter), or a LoRA adapter key")
     p = sub.add_parser("compile", help="emit a standalone bridge module")
-    p.add_argument("spec")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("spec", help="spec file or built-in spec name")
+    p.add_argument("-o", "--output", required=True, help="the Python module to write (an existing file is refused "
+                   "unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT file")
     overwrite_help = "replace OUT if it holds an earlier output of specbridge (and nothing else)"
     dtype_choices = ("float32", "bfloat16", "float16")
     p = sub.add_parser("import", help="HF checkpoint -> Megatron distributed checkpoint")
-    p.add_argument("hf_dir")
-    p.add_argument("out")
+    p.add_argument("hf_dir", help="HF checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("out", help="the Megatron checkpoint directory to write")
     spec_flags(p, False)
     parallel_flags(p)
     p.add_argument("--dtype", choices=dtype_choices, default=None,
@@ -84,12 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, metavar="PEFT_DIR",
                    help="also convert this PEFT LoRA adapter (the Megatron checkpoint holds both)")
     p = sub.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint")
-    p.add_argument("mcore_dir")
-    p.add_argument("out")
+    p.add_argument("mcore_dir", help="a Megatron checkpoint written by specbridge import")
+    p.add_argument("out", help="the HF checkpoint directory (or PEFT adapter directory) to write")
     parallel_flags(p)
     p.add_argument("--spec", default=None, help="the spec the checkpoint was written with (default: the recorded "
                    "one; its content digest must match the checkpoint's record)")
-    p.add_argument("--format", default=None, help="HF on-disk format to write (default: the one imported)")
+    p.add_argument("--format", default=None, help="HF on-disk format to write, one of the spec's hf.formats, e.g. "
+                   "fused or per_expert (default: the one imported)")
     p.add_argument("--dtype", choices=dtype_choices, default=None,
                    help="HF tensor dtype (default: the Megatron checkpoint's)")
     p.add_argument("--absent", choices=("check", "drop"), default="check",
@@ -99,12 +104,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the checkpoint's LoRA adapter as a PEFT adapter (adapter_model.safetensors)")
     p.add_argument("--merge", action="store_true", help="write the HF checkpoint with the LoRA adapter merged")
     p = sub.add_parser("roundtrip", help="HF -> Megatron -> HF; exit 0 only if bit-exact")
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", help="HF checkpoint directory (config.json + *.safetensors)")
     spec_flags(p, False)
     parallel_flags(p)
     p.add_argument("--keep", default=None, help="keep the exported HF checkpoint here")
     p = sub.add_parser("parity", help="fp32 logits of the converted model vs transformers")
-    p.add_argument("hf_dir")
+    p.add_argument("hf_dir", help="HF checkpoint directory (config.json + *.safetensors)")
     spec_flags(p, False)
     parallel_flags(p)
     p.add_argument("--atol", type=float, default=None, help="also require max |logit diff| <= ATOL")
@@ -266,8 +271,20 @@ def cmd_compile(args) -> int:
     from .compiler.emit import emit_module
     from .inputs import spec_path
 
+    from .errors import UsageError
+
     path = spec_path(args.spec)
-    Path(args.output).write_text(emit_module(compiler.load(path)))
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise UsageError(f"'{output}' exists; pass --overwrite to replace it")
+    text = emit_module(compiler.load(path))
+    staged = output.with_name(f".{output.name}.specbridge-tmp")
+    try:  # written beside the target, then renamed: never a half-written module
+        staged.write_text(text)
+        os.replace(staged, output)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        raise UsageError(f"cannot write '{output}': {exc.strerror or exc}") from None
     print(f"wrote {args.output} from {path}")
     return 0
 

@@ -53,3 +53,15 @@ def test_demo_families_listed():
     from specbridge.demo import FAMILIES
 
     assert set(DEMO_FAMILIES) == set(FAMILIES)
+
+
+def test_compile_never_replaces_a_file_unasked(tmp_path, capsys):
+    out = tmp_path / "bridge.py"
+    out.write_text("# the user's own module\n")
+    assert main(["compile", "llama", "-o", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "# the user's own module\n"
+    assert main(["compile", "llama", "-o", str(out), "--overwrite"]) == 0
+    assert "def plan(" in out.read_text()
+    assert main(["compile", "llama", "-o", str(tmp_path / "missing" / "bridge.py")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bridge.py"]
