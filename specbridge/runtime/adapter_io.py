@@ -427,8 +427,8 @@ def hf_adapter_manifest(architecture: str, hf_config, adapter: AdapterPlan, rank
                        tuple((k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()))
 
 
-def mcore_adapter_manifest(chunks, model_name: str, ep_rank: int = 0) -> ir.Manifest:
+def mcore_adapter_manifest(chunks, model_name: str) -> ir.Manifest:
     """The Megatron LoRA model's adapter parameters."""
     tensors = tuple((k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                    for k, v in adapter_tensors(chunks, ep_rank).items())
+                    for k, v in adapter_tensors(chunks).items())
     return ir.Manifest(ir.MCORE, f"the megatron-core '{model_name}' model with LoRA adapters", tensors)

@@ -114,6 +114,10 @@ def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, si
     if not _placeable(mapping) or not target.is_contiguous() or sharded and shard.kind != "axis":
         return None
     sources = {s.part: (s, *entries(s.key)) for s in mapping.sources}
+    for s, _, e in sources.values():
+        if s.index is not None and e.shape and not 0 <= s.index < e.shape[0]:
+            raise ConversionError(f"tensor '{s.key}' of shape {list(e.shape)} has no entry {s.index} along its first "
+                                  f"(stacked) dim", key=s.key)
     if any(e.dtype != target.dtype or (s.index is not None and not e.shape) for s, _, e in sources.values()):
         return None
     fuse = next((op for op in mapping.hf_to_mcore if isinstance(op, ir.Fuse)), None)

@@ -145,24 +145,35 @@ def init_parallel(
     cpu_compat.apply()
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp if vpp is not None and vpp > 1 else None,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
-    )
+    global _initialised
+    sizes = (dist.get_world_size(), tp, pp, ep, etp or tp, vpp if vpp is not None and vpp > 1 else None)
+    # the same layout again (tests, repeated API calls) reuses megatron-core's groups: destroying them does not free
+    # their gloo threads, so re-creating them on every call would pile up threads in a long-lived process
+    if not (parallel_state.model_parallel_is_initialized() and _initialised == sizes):
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=sizes[5],
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+        )
+        _initialised = sizes
     _seed(seed)
     return current_topology()
+
+
+_initialised: tuple | None = None  # the sizes megatron-core's parallel state was last initialised with here
 
 
 def destroy_parallel() -> None:
     """Tear down megatron-core parallel state and the default process group (safe when absent)."""
     from megatron.core import parallel_state
 
+    global _initialised
     parallel_state.destroy_model_parallel()
+    _initialised = None
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -121,7 +121,7 @@ def test_adapter_plan_proved_and_explained(family, models, parallel):
         qkv.base.layout.dims[0]
     proj = next(t for t in plan.targets if t.module.endswith("linear_proj"))
     assert proj.a.shard == proj.base.shard and proj.b.shard.kind == "replicated"
-    text = explain(plan, "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight", conv.spec.source)
+    text = explain(plan, "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight", conv.spec.texts)
     assert "decoder.layers.0.self_attention.linear_qkv.adapter.linear_out.weight" in text
     assert "split into parts by layout" in text
 
