@@ -63,7 +63,8 @@ STAGE_LAYERS = {"pp2_odd_layers": [[0, 1, 2], [3, 4]], "pp2_uneven": [[0], [1, 2
 READS_WHOLE_GROUPS = {"gemma4_tp2", "gemma4_vlm_tp2"}
 
 
-def torchrun(nproc: int, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
+    """torchrun on gloo; `timeout` is a generous hang guard, never a performance bound (the machine may be busy)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -56,5 +56,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    faulthandler.dump_traceback_later(int(os.environ.get("SPECBRIDGE_WORKER_TIMEOUT", "240")), exit=True)
+    faulthandler.dump_traceback_later(int(os.environ.get("SPECBRIDGE_WORKER_TIMEOUT", "1100")), exit=True)
     main()
