@@ -126,7 +126,8 @@ def test_parallel_layout_matches_single_rank(case, checkpoints, tmp_path, parall
     assert compare_checkpoints(tmp_path / "single", out / "hf").exact
     assert compare_checkpoints(hf_dir, out / "hf").exact
 
-    chunks = conv.build_model(padded_vocab=mcore_checkpoint.read_metadata(out / "mcore")["padded_vocab_size"])
+    recorded = json.loads((out / "mcore" / mcore_checkpoint.METADATA).read_text())["padded_vocab_size"]
+    chunks = conv.build_model(padded_vocab=recorded)
     mcore_checkpoint.load(chunks, out / "mcore")
     resharded = local_tensors(chunks)
     assert resharded.keys() == params.keys()
