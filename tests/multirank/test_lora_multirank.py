@@ -4,6 +4,7 @@ weights sharded along their own TP axes) loads at TP1 to the same adapter."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,8 @@ def test_lora_parallel_matches_single_rank(case, tmp_path, parallel):
     assert compare_checkpoints(tmp_path / "single_merged", out / "merged").exact
 
     fresh = conv.build_model()
-    restored = conv.restore_adapter(fresh, LoraSettings.from_json(mcore_checkpoint.read_metadata(out / "mcore")
-                                                                  ["adapter"]))
+    recorded = json.loads((out / "mcore" / mcore_checkpoint.METADATA).read_text())  # the worker's own metadata
+    restored = conv.restore_adapter(fresh, LoraSettings.from_json(recorded["adapter"]))
     mcore_checkpoint.load(fresh, out / "mcore")
     conv.export_adapter(fresh, tmp_path / "resharded", restored)
     assert compare_checkpoints(adapter, tmp_path / "resharded").exact
