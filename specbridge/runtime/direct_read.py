@@ -272,15 +272,18 @@ class DirectReader:
         jobs = [self._pool.submit(self._read, self._fd(r.file), r.file, r.offset + o, buffer[r.into + o: r.into + o + n])
                 for r in plan.reads for o, n in _pieces(r.nbytes)]
         self.reader.bytes_read += sum(r.nbytes for r in plan.reads)
-        self._pending.append((jobs, plan.copies))
+        self._pending.append((mapping, jobs, plan.copies))
         return True
 
     def wait(self) -> None:
         """Finish every read submitted so far (and the absent parts that copy them)."""
         pending, self._pending = self._pending, []
-        for jobs, copies in pending:
-            for job in jobs:
-                job.result()
+        for mapping, jobs, copies in pending:
+            try:
+                for job in jobs:
+                    job.result()
+            except ConversionError as exc:
+                raise exc.located(key=mapping.mcore, rule=mapping.span) from None
             for dst, src in copies:
                 dst.copy_(src) if src is not None else dst.zero_()
 

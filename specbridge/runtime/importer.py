@@ -101,14 +101,23 @@ def import_weights(chunks, plan: ir.Plan, reader, topology: Topology = Topology(
     try:
         with torch.no_grad(), DirectReader(reader) as direct:
             for name, mapping in work.items():
-                if not direct.fill(targets[name], mapping, *tp_of(topology, mapping)):
-                    _fill(targets[name], mapping, reader, topology)
+                _fill_one(targets[name], mapping, reader, direct, topology)
                 if progress is not None:
                     progress(1)
     except ConversionError as exc:
-        error = exc
+        error = exc.located(rank=topology.rank)
     agree(error)
     return len(work)
+
+
+def _fill_one(target: torch.Tensor, mapping: ir.Mapping, reader, direct: DirectReader, topology: Topology) -> None:
+    """Fill `target` by direct reads where its mapping allows, else through the general path."""
+    try:
+        placed = direct.fill(target, mapping, *tp_of(topology, mapping))
+    except ConversionError as exc:
+        raise exc.located(key=mapping.mcore, rule=mapping.span, rank=topology.rank) from None
+    if not placed:
+        _fill(target, mapping, reader, topology)
 
 
 def _part_shape(reader, source: ir.Source) -> tuple[int, ...]:
