@@ -306,16 +306,21 @@ def cmd_import(args) -> int:
     close()
     settings = conv.import_adapter(chunks, args.adapter) if args.adapter else None
     builtin = conv.spec_path.resolve() in {p.resolve() for p in builtin_specs().values()}
+    spec_files, uncarried = mcore_checkpoint.spec_copy(conv.spec)
     metadata = mcore_checkpoint.conversion_metadata(conv.plan, conv.spec_path.stem if builtin else conv.plan.spec,
-                                                    builtin, conv.source_config, params_dtype, topology)
+                                                    builtin, conv.source_config, params_dtype, topology,
+                                                    conv.spec_path.name)
     metadata["padded_vocab_size"] = chunks[0].vocab_size  # a later load at another TP builds the same rows
     model_kwargs = {**conv.plan.model_kwargs(), "vocab_size": chunks[0].vocab_size}  # Megatron's padded_vocab_size
     if settings is not None:
         metadata["adapter"] = {**settings.to_json(), "base_model": str(args.hf_dir)}
-    mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite, spec_text=conv.spec_path.read_text(),
+    mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite, spec_files=spec_files,
                           hf_dir=args.hf_dir, model_kwargs=model_kwargs)
     if casts:
         _say(f"import: {dtypes.summary(casts)}")
+    if uncarried and not builtin:
+        _say(f"import: the spec extends {', '.join(uncarried)}, outside its folder, which the checkpoint does not "
+             f"carry: export it where that file is at hand, or pass --spec")
     with_adapter = f", with the LoRA adapter {args.adapter}" if args.adapter else ""
     _say(f"import: {args.hf_dir} -> {args.out} (Megatron checkpoint, {dtypes.short(params_dtype)}, "
          f"{len(conv.plan.mappings)} tensors{with_adapter})")

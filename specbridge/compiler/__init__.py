@@ -30,19 +30,24 @@ PASSES = ("parse", "validate", "lower", "resolve", "check", "invert", "plan", "e
 
 
 @functools.lru_cache(maxsize=32)
-def _parsed(text: str, file: str):
+def _parsed(text: str, file: str, within: str | None):
     from ..dsl.parser import parse_spec
     from .validate import validate
 
-    return validate(parse_spec(text, file))
+    return validate(parse_spec(text, file, Path(within) if within is not None else None))
 
 
-def load(path: str | Path):
-    """Parse and validate a spec file (cached on its text)."""
+def load(path: str | Path, within: str | Path | None = None):
+    """Parse and validate a spec file (cached on its text and the texts of the files it `extends`); `within`
+    confines its `extends` chain to one directory (and the built-in specs)."""
     from ..dsl.parser import read_spec_text
 
-    path = Path(path)
-    return _parsed(read_spec_text(path), str(path))
+    path, within = Path(path), None if within is None else str(within)
+    spec = _parsed(read_spec_text(path), str(path), within)
+    if any(read_spec_text(Path(file)) != text for file, text in spec.sources[:-1]):  # a base changed since
+        _parsed.cache_clear()
+        spec = _parsed(read_spec_text(path), str(path), within)
+    return spec
 
 
 def compile_plan(spec, hf_config, architecture: str | None = None, fmt: str | None = None,

@@ -68,10 +68,12 @@ def read_spec_text(path: Path) -> str:
                                     f"0x{data[exc.start]:02x})")]) from None
 
 
-def parse_spec(text: str, file: str = "<spec>") -> ast.Spec:
+def parse_spec(text: str, file: str = "<spec>", within: Path | None = None) -> ast.Spec:
+    """The spec in `text`; `within` (a directory) confines the files its `extends` chain may name (a spec copy
+    read from a checkpoint names only files of that checkpoint, or built-in specs)."""
     sink = DiagnosticSink({file: text})
     root = load_yaml(text, file)
-    declared = _declarations(root, file, text, sink, chain=())
+    declared = _declarations(root, file, text, sink, chain=(), within=within)
     spec = _complete(declared, root, sink)
     sink.raise_if_any()
     return spec
@@ -96,19 +98,20 @@ class _Declared:
     base_missing: bool = False   # `extends` named no usable base: what is missing is not worth reporting
 
 
-def _declarations(root: Located, file: str, text: str, sink: DiagnosticSink, chain: tuple[Path, ...]) -> _Declared:
+def _declarations(root: Located, file: str, text: str, sink: DiagnosticSink, chain: tuple[Path, ...],
+                  within: Path | None) -> _Declared:
     reader = _SpecReader(sink, file, text)
     own, extends = reader.read(root)
     own = dataclasses.replace(own, sources=((file, text),))
     if extends is None:
         return own
     chain += (Path(file).resolve(),)
-    base_file = _base_file(reader, extends, chain)
+    base_file = _base_file(reader, extends, chain, within)
     base_text = _read(base_file, extends, sink) if base_file is not None else None
     if base_text is None:
         return dataclasses.replace(own, base_missing=True)
     sink.sources[str(base_file)] = base_text
-    base = _declarations(load_yaml(base_text, str(base_file)), str(base_file), base_text, sink, chain)
+    base = _declarations(load_yaml(base_text, str(base_file)), str(base_file), base_text, sink, chain, within)
     return _merge(base, own)
 
 
@@ -120,7 +123,7 @@ def _read(path: Path, node: Located, sink: DiagnosticSink) -> str | None:
         return None
 
 
-def _base_file(reader: "_SpecReader", node: Located, chain: tuple[Path, ...]) -> Path | None:
+def _base_file(reader: "_SpecReader", node: Located, chain: tuple[Path, ...], within: Path | None) -> Path | None:
     """The file `extends:` names (a built-in spec name or a `.yaml` path relative to the extending file), or None
     after reporting why it cannot be used."""
     value = reader.string(node, "'extends'")
@@ -139,6 +142,10 @@ def _base_file(reader: "_SpecReader", node: Located, chain: tuple[Path, ...]) ->
             return None
     else:
         reader.sink.error(node.span, f"'extends' must name a built-in spec or a .yaml file, not '{value}'")
+        return None
+    outside = within is not None and not path.resolve().is_relative_to(within.resolve())
+    if outside and path.resolve().parent != builtin_spec_dir().resolve():
+        reader.sink.error(node.span, f"'extends' names '{value}', which is outside '{within}'")
         return None
     if not path.is_file():
         reader.sink.error(node.span, f"'extends': no spec file '{path}'")

@@ -9,7 +9,8 @@
     OUT/release/run_config.yaml             the `model` section Megatron-Bridge reads
     OUT/specbridge.json                     how to convert back: spec name and content digest, architecture, HF
                                             format, the source config.json, parameter dtype, carried HF files
-    OUT/spec.yaml                           the text of the spec used (an exact copy: its digest is recorded)
+    OUT/spec/                               the spec used, exact copies (their digest is recorded): the file and
+                                            the files of its `extends` chain that sit beside or below it
     OUT/hf/                                 HF files carried over to the export (generation config, tokenizer,
                                             chat template)
 
@@ -40,9 +41,10 @@ METADATA = "specbridge.json"
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 RUN_CONFIG = "run_config.yaml"
-SPEC_COPY = "spec.yaml"
+SPEC_DIR = "spec"
+OLD_SPEC_COPY = "spec.yaml"  # format 2 checkpoints: one file at the top
 HF_FILES = "hf"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHECKPOINT_VERSION = 3.0
 # the HF files an export carries over from the source checkpoint (besides weights and config.json)
 CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -59,10 +61,10 @@ def _sharded_state_dict(chunks) -> dict:
     return {f"model{k}": chunk.sharded_state_dict() for k, chunk in enumerate(chunks)}
 
 
-def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, spec_text: str | None = None,
+def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, spec_files: dict | None = None,
          hf_dir: str | Path | None = None, model_kwargs: dict | None = None) -> Path:
     """Write the checkpoint of `chunks` (every rank its shards) with `metadata` (see `conversion_metadata`), the
-    spec's text, and the HF files of `hf_dir` that an export carries over."""
+    spec's files (`spec_copy`), and the HF files of `hf_dir` that an export carries over."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -83,8 +85,9 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
             (staging / TRACKER).write_text(RELEASE)
             (release / RUN_CONFIG).write_text(run_config(config, model_kwargs or {}))
             carried = _carry(Path(hf_dir), staging / HF_FILES) if hf_dir else []
-            if spec_text is not None:
-                (staging / SPEC_COPY).write_text(spec_text)
+            for name, text in (spec_files or {}).items():
+                (staging / SPEC_DIR / name).parent.mkdir(parents=True, exist_ok=True)
+                (staging / SPEC_DIR / name).write_text(text)
             metadata = {**metadata, "hf_files": carried}
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return Path(target)
@@ -120,11 +123,29 @@ def _carry(hf_dir: Path, into: Path) -> list[str]:
     return names
 
 
+def spec_copy(spec) -> tuple[dict[str, str], list[str]]:
+    """The files of `spec` a checkpoint carries, by path relative to the spec file (the spec, then the bases of
+    its `extends` chain beside or below it; built-in bases are found by name), and the bases it cannot carry."""
+    from ..dsl.parser import builtin_spec_dir
+
+    (top, text), builtin = spec.sources[-1] if spec.sources else (spec.file, spec.source), builtin_spec_dir().resolve()
+    here, files, left = Path(top).resolve().parent, {Path(top).name: text}, []
+    for file, base_text in spec.sources[:-1]:
+        path = Path(file).resolve()
+        if path.parent == builtin:
+            continue
+        if path.is_relative_to(here):
+            files[path.relative_to(here).as_posix()] = base_text
+        else:
+            left.append(file)
+    return files, left
+
+
 def conversion_metadata(plan, spec_name: str, builtin: bool, hf_config: dict, params_dtype: torch.dtype,
-                        topology) -> dict:
+                        topology, spec_file: str) -> dict:
     """`specbridge.json`: portable (no path of the writing machine), enough to rebuild the model anywhere."""
     return {"format_version": FORMAT_VERSION,
-            "spec": {"name": spec_name, "digest": plan.digest, "builtin": builtin, "file": SPEC_COPY},
+            "spec": {"name": spec_name, "digest": plan.digest, "builtin": builtin, "file": f"{SPEC_DIR}/{spec_file}"},
             "architecture": plan.architecture, "format": plan.format, "hf_config": hf_config,
             "dtype": dtypes.short(params_dtype),
             "written_with": {"tp": topology.tp_size, "pp": topology.pp_size, "ep": topology.ep_size}}
@@ -271,13 +292,14 @@ def recorded_spec(directory: str | Path, meta: dict, override=None) -> Path:
 
     spec, directory = meta["spec"], Path(directory)
     candidates = [resolve_spec_path(override, None)] if override is not None else [
-        p for p in (builtin_specs().get(spec["name"]) if spec.get("builtin") else None, directory / SPEC_COPY)
+        p for p in (builtin_specs().get(spec["name"]) if spec.get("builtin") else None, *_spec_copies(directory, spec))
         if p is not None and p.is_file() and not p.is_symlink()]
     seen = []
     for path in candidates:
         if not path.is_file():
             raise UsageError(f"spec '{path}' does not exist")
-        found = digest(compiler.load(path).merged_source)  # as plans record it: every file of an `extends` chain
+        within = directory if path.resolve().is_relative_to(directory.resolve()) else None  # a copy: confined
+        found = digest(compiler.load(path, within).merged_source)  # as plans record it: every file of the chain
         if found == spec["digest"]:
             return path
         seen.append(f"'{path}' has digest {found}")
@@ -285,6 +307,15 @@ def recorded_spec(directory: str | Path, meta: dict, override=None) -> Path:
                           f"{spec['digest']}, and no spec with that content is at hand ("
                           f"{'; '.join(seen) or 'no built-in spec of that name, no copy in the checkpoint'}): the "
                           f"spec changed since import; pass --spec with the spec it was written with")
+
+
+def _spec_copies(directory: Path, spec: dict) -> list[Path]:
+    """The checkpoint's copy of its spec: `spec/NAME.yaml` as recorded (a plain file name only), or the one file
+    of format 2."""
+    recorded = spec.get("file")
+    name = recorded.removeprefix(f"{SPEC_DIR}/") if isinstance(recorded, str) else ""
+    plain = name.endswith((".yaml", ".yml")) and "/" not in name and "\\" not in name and not name.startswith(".")
+    return ([directory / SPEC_DIR / name] if plain else []) + [directory / OLD_SPEC_COPY]
 
 
 def dist_directory(directory: str | Path) -> Path:

@@ -161,3 +161,28 @@ def test_an_unreadable_base_is_a_spec_error(tmp_path):
     (tmp_path / "base.yaml").mkdir()
     with pytest.raises(SpecError, match="no spec file"):
         load_spec(tmp_path / "child.yaml")
+
+
+def test_a_changed_base_is_read_again(tmp_path):
+    """`compiler.load` caches parsed specs; a base edited since is not served from the cache."""
+    from specbridge import compiler
+
+    write(tmp_path, base=BASE, child=CHILD)
+    before = compiler.load(tmp_path / "child.yaml")
+    (tmp_path / "base.yaml").write_text(BASE.replace("'hidden_size > 0'", "'hidden_size > 1'"))
+    after = compiler.load(tmp_path / "child.yaml")
+    assert after.merged_source != before.merged_source and "hidden_size > 1" in after.merged_source
+
+
+def test_a_confined_chain_stays_inside(tmp_path):
+    """A spec read with `within` (a checkpoint's copy) may extend files inside that directory or built-in specs,
+    never a file elsewhere."""
+    from specbridge import compiler
+
+    inside = tmp_path / "ckpt"
+    inside.mkdir()
+    write(tmp_path, base=BASE)
+    write(inside, child=CHILD.replace("base.yaml", "../base.yaml"))
+    with pytest.raises(SpecError, match="which is outside"):
+        compiler.load(inside / "child.yaml", within=inside)
+    assert compiler.load(inside / "child.yaml").name == "child"  # the user's own files: no confinement

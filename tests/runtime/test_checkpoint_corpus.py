@@ -66,6 +66,7 @@ CASES = [
     ("spec_edited_since_import", "export", "spec_edited", "no spec with that content is at hand"),
     ("spec_path_not_followed", "export", "old_meta_evil_path", "no spec with that content is at hand"),
     ("hf_file_path_leaves", "export", "meta_hf_files_escape", "'hf_files' must list carried HF files"),
+    ("spec_copy_path_leaves", "export", "spec_file_escape", "no spec with that content is at hand"),
     ("hf_files_dir_symlink", "export", "hf_symlink", "carried HF files are read only from inside"),
     ("hf_config_broken", "export", "meta_hf_config_broken", "does not load"),
     ("not_a_checkpoint", "export", "empty_dir", "no specbridge.json"),
@@ -108,6 +109,18 @@ def test_bad_checkpoint(case, good, tmp_path, parallel, capsys):
     assert len(errors) == 1 and "Traceback" not in err and err.rstrip().splitlines()[-1] == errors[0].rstrip(), err
     assert errors[0].startswith(f"specbridge {command}: error: ") and expected in errors[0], errors[0]
     assert not (tmp_path / "pwned").exists(), "a crafted pickle ran code"
+
+
+def test_spec_copy_extending_a_file_outside_is_refused(good, tmp_path, parallel, capsys):
+    """A spec copy in the checkpoint that extends a file outside it: a spanned spec error on the copy, nothing read
+    from outside."""
+    argv = craft("export", "spec_extends_outside", good, tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in err and "^" in err, err
+    assert "spec/qwen3_moe.yaml:2:" in errors[0] and "which is outside" in errors[0], errors[0]
 
 
 def test_corpus_covers_both_directions():
@@ -358,20 +371,45 @@ def _spec_edited(src, work, out, arg):
     meta = _meta(src)
     meta["spec"] = {**meta["spec"], "name": "my_moe", "builtin": False}
     _write_meta(src, meta)
-    text = (src / "spec.yaml").read_text()
-    (src / "spec.yaml").write_text(text.replace("gate_proj", "GATE").replace("up_proj", "gate_proj")
-                                   .replace("GATE", "up_proj"))
+    copy = src / meta["spec"]["file"]
+    copy.write_text(copy.read_text().replace("gate_proj", "GATE").replace("up_proj", "gate_proj")
+                    .replace("GATE", "up_proj"))
 
 
 def _old_meta_evil_path(src, work, out, arg):
     """An old-format specbridge.json whose 'spec' path names a file elsewhere: it is never followed."""
-    evil = work / "evil.yaml"
-    evil.write_text((src / "spec.yaml").read_text())
     meta = _meta(src)
+    evil = work / "evil.yaml"
+    evil.write_text((src / meta["spec"]["file"]).read_text())
     for key in ("format_version", "spec"):
         del meta[key]
     _write_meta(src, {**meta, "spec": str(evil), "spec_name": "evil", "digest": "0" * 16})
-    (src / "spec.yaml").unlink()
+    shutil.rmtree(src / "spec")
+
+
+def _custom_copy(src, work, text: str):
+    """The checkpoint as written with a custom spec (not built-in) whose copy is `text`."""
+    meta = _meta(src)
+    meta["spec"] = {**meta["spec"], "name": "my_moe", "builtin": False}
+    _write_meta(src, meta)
+    (src / meta["spec"]["file"]).write_text(text)
+    return meta
+
+
+def _spec_extends_outside(src, work, out, arg):
+    """The checkpoint's spec copy extends a file outside the checkpoint: it is not read."""
+    (work / "outside.yaml").write_text((src / _meta(src)["spec"]["file"]).read_text())
+    _custom_copy(src, work, f"spec: my_moe\nextends: {os.path.relpath(work / 'outside.yaml', src / 'spec')}\n")
+
+
+def _spec_file_escape(src, work, out, arg):
+    """specbridge.json names a spec copy outside the checkpoint: it is never followed."""
+    meta = _meta(src)
+    (work / "evil.yaml").write_text((src / meta["spec"]["file"]).read_text())
+    shutil.rmtree(src / "spec")
+    meta["spec"] = {**meta["spec"], "name": "my_moe", "builtin": False,
+                    "file": os.path.relpath(work / "evil.yaml", src)}
+    _write_meta(src, meta)
 
 
 def _meta_hf_files_escape(src, work, out, arg):
@@ -396,5 +434,6 @@ _MCORE = {"evil_metadata": _evil_metadata, "truncate": _truncate, "remove": _rem
           "hf_symlink": _hf_symlink, "tracker": _tracker,
           "release_symlink": _release_symlink, "meta_garbage": _meta_garbage, "meta_list": _meta_list,
           "meta_no_spec": _meta_no_spec, "spec_edited": _spec_edited, "old_meta_evil_path": _old_meta_evil_path,
+          "spec_extends_outside": _spec_extends_outside, "spec_file_escape": _spec_file_escape,
           "meta_hf_files_escape": _meta_hf_files_escape, "meta_hf_config_broken": _meta_hf_config_broken,
           "empty_dir": _empty_dir, "output_exists": _output_exists, "output_is_input": _output_is_input}

@@ -87,8 +87,26 @@ def test_custom_spec_travels_with_the_checkpoint(hf, tmp_path, parallel):
     custom.write_text(builtin_specs()["qwen3_moe"].read_text().replace("spec: qwen3_moe", "spec: my_moe", 1))
     assert main(["import", str(hf), str(tmp_path / "mcore"), "--spec", str(custom)]) == 0
     meta = json.loads((tmp_path / "mcore" / "specbridge.json").read_text())
-    assert meta["spec"]["builtin"] is False and (tmp_path / "mcore" / "spec.yaml").read_text() == custom.read_text()
+    assert meta["spec"]["builtin"] is False and meta["spec"]["file"] == "spec/my_moe.yaml"
+    assert (tmp_path / "mcore" / "spec" / "my_moe.yaml").read_text() == custom.read_text()
     custom.unlink()
+    assert main(["export", str(tmp_path / "mcore"), str(tmp_path / "back")]) == 0
+    assert compare_checkpoints(hf, tmp_path / "back").exact
+
+
+def test_custom_spec_chain_travels_with_the_checkpoint(hf, tmp_path, parallel):
+    """A custom spec extending a custom base beside it: the checkpoint carries both, and exports elsewhere."""
+    from specbridge.api import builtin_specs
+
+    specs = tmp_path / "specs"
+    (specs / "common").mkdir(parents=True)
+    base = builtin_specs()["qwen3_moe"].read_text().replace("spec: qwen3_moe", "spec: my_base", 1)
+    (specs / "common" / "my_base.yaml").write_text(base)
+    (specs / "my_moe.yaml").write_text("spec: my_moe\nextends: common/my_base.yaml\n")
+    assert main(["import", str(hf), str(tmp_path / "mcore"), "--spec", str(specs / "my_moe.yaml")]) == 0
+    copy = tmp_path / "mcore" / "spec"
+    assert (copy / "common" / "my_base.yaml").read_text() == base
+    shutil.rmtree(specs)
     assert main(["export", str(tmp_path / "mcore"), str(tmp_path / "back")]) == 0
     assert compare_checkpoints(hf, tmp_path / "back").exact
 
