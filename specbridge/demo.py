@@ -42,6 +42,16 @@ GEMMA4_AUDIO = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, 
                     output_proj_dims=36, initializer_range=0.1)
 GEMMA4_TOKENS = dict(image_token_id=120, audio_token_id=121, video_token_id=122, boi_token_id=123, eoi_token_id=124,
                      boa_token_id=125, eoa_token_index=126)
+# DeepSeek-V3: MLA (odd ranks and head dims), 1 dense layer then MoE with a shared expert, 2 groups of 2 experts
+# (one chosen) under a sigmoid router; YaRN with mscale as published (factor 4 over 32 original positions)
+DEEPSEEK_V3 = dict(vocab_size=256, hidden_size=64, intermediate_size=56, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                   v_head_dim=10, head_dim=8, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+                   moe_intermediate_size=24, num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=True,
+                   routed_scaling_factor=2.5, max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.1,
+                   rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
+                                        mscale_all_dim=0.8, original_max_position_embeddings=32, beta_fast=32.0,
+                                        beta_slow=1.0), tie_word_embeddings=False)
 CONFIG_CLASSES = {"Gemma4ForCausalLM": "Gemma4TextConfig", "Gemma4ForConditionalGeneration": "Gemma4Config"}
 
 FAMILIES = {
@@ -57,6 +67,12 @@ FAMILIES = {
     "mistral": ("MistralForCausalLM", {"sliding_window": None, "tie_word_embeddings": False}),
     "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 40,
                                        "sliding_window": None, "tie_word_embeddings": False}),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", DEEPSEEK_V3),
+    # q projected directly (q_lora_rank null), plain RoPE, 2 shared experts, no groups, tied embeddings
+    "deepseek_v3_q_proj": ("DeepseekV3ForCausalLM", {
+        **DEEPSEEK_V3, "q_lora_rank": None, "n_shared_experts": 2, "n_group": 1, "topk_group": 1,
+        "num_hidden_layers": 2, "rope_parameters": dict(rope_type="default", rope_theta=500.0),
+        "tie_word_embeddings": True}),
     "gemma4_moe": ("Gemma4ForCausalLM", {**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True}),
     "gemma4_dense": ("Gemma4ForCausalLM", {**GEMMA4, "attention_k_eq_v": True}),
     "gemma4_e2b": ("Gemma4ForCausalLM", GEMMA4_E2B),

@@ -1,7 +1,8 @@
-"""Every workaround needed to run megatron-core on a machine without a GPU, in one place.
+"""Every workaround needed to run megatron-core on a machine without a GPU (or without TransformerEngine), in one
+place.
 
-Contract: `apply()` is idempotent and does nothing when `torch.cuda.is_available()`. On a CPU-only
-machine it patches the CUDA-only call sites that megatron-core (0.16.x, 0.19.x) reaches when it
+Contract: `apply()` is idempotent. Without TransformerEngine (on any machine) it applies `_NO_TE_PATCHES`; with a
+GPU it does nothing else. On a CPU-only machine it also patches the CUDA-only call sites that megatron-core (0.16.x, 0.19.x) reaches when it
 builds and runs models with the *local* layer specs, so that everything runs on CPU tensors with the
 gloo backend. Each patch is guarded: a target that does not exist in the installed megatron-core
 release is skipped, never an error. Nothing here changes numerics: every replacement computes the
@@ -23,12 +24,16 @@ _APPLIED = False
 
 
 def apply() -> None:
-    """Patch megatron-core (and `torch.cuda`) for CPU-only execution; idempotent; no-op with a GPU."""
+    """Patch megatron-core (and `torch.cuda`) for CPU-only execution, and for running without TransformerEngine;
+    idempotent; with a GPU and TransformerEngine, a no-op."""
     global _APPLIED
-    if _APPLIED or torch.cuda.is_available():
+    if _APPLIED:
         return
-    for patch in _PATCHES:
+    for patch in _NO_TE_PATCHES:
         patch()
+    if not torch.cuda.is_available():
+        for patch in _PATCHES:
+            patch()
     _APPLIED = True
 
 
@@ -263,6 +268,29 @@ def _patch_tied_embedding_setup() -> None:
     setup_embeddings_and_output_layer._specbridge_cpu = True
     cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
+
+def _patch_mla_without_te() -> None:
+    """megatron-core 0.16's multi-latent attention believes TransformerEngine is installed when it is not.
+
+    Call site: `MultiLatentAttention.__init__` tests `HAVE_TE and isinstance(self.linear_proj, TELinear)`; 0.16.1
+    sets its own `HAVE_TE` from importing `megatron.core.extensions.transformer_engine`, which succeeds without
+    TransformerEngine and hands out stand-in objects, so `isinstance` raises TypeError for every MLA layer. The
+    extensions module's own `HAVE_TE` (False) is the truth; 0.19 already reads it. Without TE the TE-only branches
+    are skipped, as on 0.19.
+    """
+    extensions = _module("megatron.core.extensions.transformer_engine")
+    module = _module("megatron.core.transformer.multi_latent_attention")
+    if extensions is None or module is None or getattr(extensions, "HAVE_TE", True):
+        return
+    if getattr(module, "HAVE_TE", False):
+        module.HAVE_TE = False
+        for name in ("TEColumnParallelLinear", "TELinear", "Linear", "set_save_original_input"):
+            if hasattr(module, name):
+                setattr(module, name, None)
+
+
+# applied whenever TransformerEngine is not installed, with or without a GPU
+_NO_TE_PATCHES = (_patch_mla_without_te,)
 
 _PATCHES = (
     _patch_tied_embedding_setup,

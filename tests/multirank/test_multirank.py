@@ -55,6 +55,9 @@ CASES = {
     "mistral_tp2": ("mistral", 2, ["--tp", "2"], dict(num_hidden_layers=3)),
     "mixtral_ep2": ("mixtral", 2, ["--ep", "2"], dict(num_hidden_layers=3)),
     "qwen3_moe_mixed_ep2": ("qwen3_moe_mixed", 2, ["--ep", "2"], dict(num_hidden_layers=4)),  # dense between MoE
+    # MLA projections split by heads / latent rows, shared experts by TP; experts by EP under the sigmoid router
+    "deepseek_v3_tp2": ("deepseek_v3", 2, ["--tp", "2"], dict(num_hidden_layers=3)),
+    "deepseek_v3_ep2": ("deepseek_v3", 2, ["--ep", "2"], dict(num_hidden_layers=3)),
 }
 # the layers each pipeline stage holds, where the case checks them
 STAGE_LAYERS = {"pp2_odd_layers": [[0, 1, 2], [3, 4]], "pp2_uneven": [[0], [1, 2, 3]]}

@@ -11,7 +11,7 @@ import torch
 from specbridge.api import Converter
 from specbridge.errors import SpecError
 from specbridge.verify import parity, roundtrip
-from tests.support import tiny_model
+from tests.support import FAMILIES, tiny_model
 
 LONG = 16384  # max_position_embeddings above Llama 3's original 8192
 ROPE = {
@@ -19,6 +19,8 @@ ROPE = {
                "original_max_position_embeddings": 8192, "rope_theta": 10000.0},
     "linear": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
 }
+
+YARN = FAMILIES["deepseek_v3"][1]["rope_parameters"]
 
 
 def hf_logits(model, ids):
@@ -54,6 +56,13 @@ def test_llama_rope_scaling_parity(rope_type, tmp_path, parallel):
     ("qwen3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
     ("mistral", {"sliding_window": 4096}, "sliding_window"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
+    ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
+    ("deepseek_v3", {"attention_bias": True}, "attention_bias"),
+    ("deepseek_v3", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ("deepseek_v3", {"topk_group": 2}, "topk_group"),  # groups ranked by their top-1 in megatron-core, top-2 in HF
+    ("deepseek_v3", {"rope_parameters": {**YARN, "truncate": False}}, "truncate"),
+    ("deepseek_v3", {"rope_parameters": {**YARN, "mscale": 0.0}}, "mscale"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}, "rope_type"),
 ])
 def test_unsupported_configs_are_refused_naming_the_field(family, overrides, field):
     config = tiny_model(family, max_position_embeddings=LONG, **overrides).config
@@ -63,17 +72,21 @@ def test_unsupported_configs_are_refused_naming_the_field(family, overrides, fie
     assert field in info.value.sources[diagnostic.span.file].splitlines()[diagnostic.span.line - 1]
 
 
-def test_mixtral_both_on_disk_formats(tmp_path, parallel):
-    """Checkpoints (and save_pretrained) hold Mixtral's experts per expert under block_sparse_moe, transformers
-    fused under mlp: a checkpoint in the fused layout converts too, and export writes either layout."""
+@pytest.mark.parametrize("family, saved_expert", [
+    ("mixtral", ".block_sparse_moe.experts.3.w3."),  # w1 gate, w3 up, w2 down
+    ("deepseek_v3", ".mlp.experts.3.up_proj."),
+])
+def test_moe_both_on_disk_formats(family, saved_expert, tmp_path, parallel):
+    """Checkpoints (and save_pretrained) hold the experts per expert (Mixtral's under block_sparse_moe),
+    transformers fused under mlp: a checkpoint in the fused layout converts too, and export writes either layout."""
     from safetensors.torch import save_file
 
     from specbridge.runtime.safetensors_io import CheckpointReader
 
-    model = tiny_model("mixtral")
+    model = tiny_model(family)
     model.save_pretrained(str(tmp_path / "per_expert"))
     saved = CheckpointReader(tmp_path / "per_expert")
-    assert any(".block_sparse_moe.experts.3.w3." in k for k in saved.keys())
+    assert any(saved_expert in k for k in saved.keys())
     (tmp_path / "fused").mkdir()
     model.config.save_pretrained(str(tmp_path / "fused"))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -90,3 +103,25 @@ def test_mixtral_both_on_disk_formats(tmp_path, parallel):
     conv.with_format("per_expert").export_weights(chunks, tmp_path / "as_saved")
     written = CheckpointReader(tmp_path / "as_saved")
     assert written.keys() == saved.keys() and all(torch.equal(written.get(k), saved.get(k)) for k in saved.keys())
+
+
+def test_deepseek_v3_mtp_layer_is_refused_naming_it(tmp_path, parallel):
+    """The published DeepSeek-V3 checkpoints carry a multi-token-prediction layer after the last decoder layer
+    (model.layers.{num_hidden_layers}.*), which transformers' model does not have (it drops it on load): specbridge
+    does not convert it, and a checkpoint holding it is refused, naming one of its tensors, before anything is read."""
+    from safetensors.torch import load_file, save_file
+
+    from specbridge.errors import ConversionError
+
+    model = tiny_model("deepseek_v3")
+    model.save_pretrained(str(tmp_path))
+    hidden, mtp = model.config.hidden_size, f"model.layers.{model.config.num_hidden_layers}"
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state.update({f"{mtp}.enorm.weight": torch.ones(hidden), f"{mtp}.hnorm.weight": torch.ones(hidden),
+                  f"{mtp}.eh_proj.weight": torch.zeros(hidden, 2 * hidden)})
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+
+    conv = Converter.from_pretrained(tmp_path)
+    chunks = conv.build_model()
+    with pytest.raises(ConversionError, match=rf"tensor '{mtp}\.\w+\.weight' and 2 more, which no rule"):
+        conv.import_weights(chunks, tmp_path)

@@ -1,9 +1,10 @@
-"""Stock megatron-core GPTModel builder (Llama, Qwen3, Qwen3-MoE, ...), local layer spec.
+"""Stock megatron-core GPTModel builder (Llama, Qwen3, Qwen3-MoE, DeepSeek-V3, ...), local layer spec.
 
 Contract: `build_gpt(transformer, model)` takes a dict of `TransformerConfig` keyword arguments and a
 dict of `GPTModel` keyword arguments (plain data, e.g. from a spec's config mapping) and answers a
 `GPTModel` for this rank's place in the parallel layout (parallel state must be initialised; parallel sizes
-not given come from `parallel.transformer_fields()`; a field TransformerConfig lacks raises `UnknownConfigField`). It
+not given come from `parallel.transformer_fields()`; a field TransformerConfig lacks raises `UnknownConfigField`;
+`multi_latent_attention: true` selects megatron-core's `MLATransformerConfig` and its MLA attention). It
 uses megatron-core's *local* layer spec (torch norms, no TransformerEngine/apex), SequentialMLP
 experts, fp32 parameters unless `params_dtype` says otherwise, and CPU initialisation. Without a GPU
 every fusion flag that needs CUDA kernels is forced off and `cpu_compat.apply()` is run.
@@ -91,6 +92,8 @@ def transformer_config(transformer: dict, config_class=None):
 
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if config_class is None and transformer.get("multi_latent_attention"):
+        from megatron.core.transformer.transformer_config import MLATransformerConfig as config_class
     config_class = config_class or TransformerConfig
     kwargs = transformer_config_kwargs(transformer)
     unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(config_class) if f.init})
@@ -100,19 +103,47 @@ def transformer_config(transformer: dict, config_class=None):
 
 
 def layer_spec(config, vp_stage: int | None = None):
-    """megatron-core's local GPT layer spec for `config` (dense or MoE, optional qk-norm); with a per-layer MoE
+    """megatron-core's local GPT layer spec for `config` (dense or MoE, optional qk-norm, MLA); with a per-layer MoE
     pattern (`moe_layer_freq` a list of 0/1), megatron-core's block spec for this pipeline stage."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     if config.num_moe_experts and isinstance(config.moe_layer_freq, list):
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization,
                                           vp_stage=vp_stage)
-    return get_gpt_layer_local_spec(
-        num_experts=config.num_moe_experts,
-        moe_grouped_gemm=False,
-        qk_layernorm=config.qk_layernorm,
-        normalization=config.normalization,
-    )
+        layers = spec.layer_specs
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=False,
+            qk_layernorm=config.qk_layernorm,
+            multi_latent_attention=config.multi_latent_attention,
+            normalization=config.normalization,
+        )
+        layers = [spec]
+    if config.multi_latent_attention:
+        for layer in layers:
+            layer.submodules.self_attention.submodules.core_attention = latent_dot_product_attention()
+    return spec
+
+
+@functools.cache
+def latent_dot_product_attention() -> type:
+    """The local attention class for MLA, defined on first use (megatron-core is imported only to build)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class LatentDotProductAttention(DotProductAttention):
+        """megatron-core's local (unfused, torch) attention for multi-latent attention, whose query/key heads
+        (`k_channels`) and value heads (`v_channels`) differ in width. MLA passes both widths, which only
+        TransformerEngine's attention accepts; the local attention's arithmetic already takes any key width (its
+        views infer it) and needs only the value width for its output."""
+
+        def __init__(self, config, *args, k_channels: int | None = None, v_channels: int | None = None, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            if v_channels is not None:
+                self.hidden_size_per_attention_head = v_channels
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return LatentDotProductAttention
 
 
 def build_gpt(
