@@ -159,6 +159,12 @@ _SAME_NAME = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_hea
               "apply_query_key_layer_scaling", "rotary_interleaved", "tensor_model_parallel_size",
               "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
               "expert_tensor_parallel_size", "params_dtype")
+# and those of multi-latent attention (MLATransformerConfig), carried when the model has it
+_MLA = ("multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+        "rope_type", "rotary_scaling_factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+        "mscale_all_dim")
+_ROUTER = ("moe_router_enable_expert_bias", "moe_router_num_groups", "moe_router_group_topk",
+           "moe_router_topk_scaling_factor")
 _RENAMED = {"layernorm_epsilon": "norm_epsilon", "gated_linear_unit": "swiglu", "num_moe_experts": "num_experts",
             "layernorm_zero_centered_gamma": "apply_layernorm_1p"}
 _PLAIN = (bool, int, float, str, type(None), torch.dtype)
@@ -167,14 +173,17 @@ _PLAIN = (bool, int, float, str, type(None), torch.dtype)
 def megatron_args(config, model_kwargs: dict) -> argparse.Namespace:
     """The `args` Megatron-LM stores in its checkpoints, for the model arguments it checks when loading
     (`check_checkpoint_args`) or takes over (`--use-checkpoint-args`)."""
-    values = {name: getattr(config, name, None) for name in _SAME_NAME}
+    mla = _MLA if getattr(config, "multi_latent_attention", False) else ()
+    values = {name: getattr(config, name, None) for name in (*_SAME_NAME, *_ROUTER, *mla)}
     values.update({new: getattr(config, old, None) for old, new in _RENAMED.items()})
     position = model_kwargs.get("position_embedding_type", "learned_absolute")
     values.update(
         padded_vocab_size=model_kwargs.get("vocab_size"), max_position_embeddings=model_kwargs.get("max_sequence_length"),
         seq_length=model_kwargs.get("max_sequence_length"), position_embedding_type=position,
         add_position_embedding=position == "learned_absolute", use_rotary_position_embeddings=position == "rope",
-        rotary_base=model_kwargs.get("rotary_base", 10000), rotary_percent=model_kwargs.get("rotary_percent", 1.0),
+        # MLA's rotary base is a field of its config, the others' a GPTModel argument
+        rotary_base=model_kwargs.get("rotary_base", getattr(config, "rotary_base", 10000)),
+        rotary_percent=model_kwargs.get("rotary_percent", 1.0),
         untie_embeddings_and_output_weights=not model_kwargs.get("share_embeddings_and_output_weights", True),
         group_query_attention=config.num_query_groups not in (None, config.num_attention_heads),
         bf16=config.params_dtype == torch.bfloat16, fp16=config.params_dtype == torch.float16,

@@ -125,3 +125,44 @@ def test_deepseek_v3_mtp_layer_is_refused_naming_it(tmp_path, parallel):
     chunks = conv.build_model()
     with pytest.raises(ConversionError, match=rf"tensor '{mtp}\.\w+\.weight' and 2 more, which no rule"):
         conv.import_weights(chunks, tmp_path)
+
+
+# DeepSeek-V3 as published (config.json of deepseek-ai/DeepSeek-V3, without its FP8 quantization_config)
+DEEPSEEK_V3_PUBLISHED = dict(
+    vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+    num_nextn_predict_layers=1, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1,
+    n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64,
+    v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+    norm_topk_prob=True, hidden_act="silu", max_position_embeddings=163840, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, rope_theta=10000, attention_bias=False, attention_dropout=0.0,
+    rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                  "original_max_position_embeddings": 4096, "type": "yarn"})
+
+
+def test_deepseek_v3_published_coverage_and_megatron_lm_args(parallel):
+    """The published geometry (61 layers, 3 dense, 58 x 256 routed experts) has its coverage proved on the meta
+    device, no weights allocated; the Megatron-LM arguments of its checkpoint carry MLA, YaRN and the router."""
+    import transformers
+
+    from specbridge.runtime.mcore_checkpoint import megatron_args
+
+    config = transformers.DeepseekV3Config(**DEEPSEEK_V3_PUBLISHED, architectures=["DeepseekV3ForCausalLM"])
+    conv = Converter.from_config(config).with_format("per_expert")
+    with torch.device("meta"):
+        chunks = conv.build_model(params_dtype=torch.bfloat16)
+    plan = conv.check(chunks)
+    hf, mcore = conv.manifests(chunks)
+    # per layer: 2 norms + 7 MLA tensors; dense MLP 2; MoE: router, its bias, shared fc1/fc2, 256 x (fc1, fc2)
+    assert len(plan.mappings) == len(mcore.tensors) == 61 * 9 + 3 * 2 + 58 * (4 + 256 * 2) + 3
+    assert len(hf.tensors) == len(plan.mappings) + 3 + 58 * (1 + 256)  # each fc1 is two HF tensors, gate and up
+    args = vars(megatron_args(chunks[0].config, conv.plan.model_kwargs()))
+    assert {k: args[k] for k in ("multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                                 "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor",
+                                 "mscale", "mscale_all_dim", "rotary_base", "moe_router_enable_expert_bias",
+                                 "moe_router_num_groups", "moe_router_group_topk",
+                                 "moe_router_topk_scaling_factor", "moe_shared_expert_intermediate_size")} == {
+        "multi_latent_attention": True, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_head_dim": 128,
+        "qk_pos_emb_head_dim": 64, "v_head_dim": 128, "rope_type": "yarn", "rotary_scaling_factor": 40,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "rotary_base": 10000, "moe_router_enable_expert_bias": True,
+        "moe_router_num_groups": 8, "moe_router_group_topk": 4, "moe_router_topk_scaling_factor": 2.5,
+        "moe_shared_expert_intermediate_size": 2048}
