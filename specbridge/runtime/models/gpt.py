@@ -121,9 +121,29 @@ def layer_spec(config, vp_stage: int | None = None):
         )
         layers = [spec]
     if config.multi_latent_attention:
+        from megatron.core.transformer.identity_op import IdentityOp
+
         for layer in layers:
-            layer.submodules.self_attention.submodules.core_attention = latent_dot_product_attention()
+            attention = layer.submodules.self_attention
+            attention.submodules.core_attention = latent_dot_product_attention()
+            if config.q_lora_rank is None:  # q projected directly: no q norm
+                attention.module = direct_q_self_attention()
+                attention.submodules.q_layernorm = IdentityOp
     return spec
+
+
+@functools.cache
+def direct_q_self_attention() -> type:
+    """megatron-core's `MLASelfAttention` for a q projected directly from the hidden states (`q_lora_rank` None)
+    with a kv norm, as DeepSeek-V3 has it: megatron-core 0.19 resolves that q projection to a fused norm + linear
+    whenever `qk_layernorm` is set (a norm transformers does not have), so the spec's plain linear is kept."""
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    class DirectQSelfAttention(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules):  # megatron-core >= 0.19 only
+            return {**super()._resolve_qk_norm_config(submodules), "linear_q_proj": submodules.linear_q_proj}
+
+    return DirectQSelfAttention
 
 
 @functools.cache
