@@ -2,9 +2,9 @@
 place.
 
 Contract: `apply()` is idempotent. Without TransformerEngine (on any machine) it applies `_NO_TE_PATCHES`; with a
-GPU it does nothing else. On a CPU-only machine it also patches the CUDA-only call sites that megatron-core (0.16.x, 0.19.x) reaches when it
-builds and runs models with the *local* layer specs, so that everything runs on CPU tensors with the
-gloo backend. Each patch is guarded: a target that does not exist in the installed megatron-core
+GPU it does nothing else. On a CPU-only machine it also patches the CUDA-only call sites that megatron-core
+(0.16.x, 0.19.x) reaches when it builds and runs models with the *local* layer specs, so that everything runs on
+CPU tensors with the gloo backend. Each patch is guarded: a target that does not exist in the installed megatron-core
 release is skipped, never an error. Nothing here changes numerics: every replacement computes the
 same values as the CUDA original, on CPU.
 

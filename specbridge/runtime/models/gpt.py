@@ -6,8 +6,9 @@ dict of `GPTModel` keyword arguments (plain data, e.g. from a spec's config mapp
 not given come from `parallel.transformer_fields()`; a field TransformerConfig lacks raises `UnknownConfigField`;
 `multi_latent_attention: true` selects megatron-core's `MLATransformerConfig` and its MLA attention). It
 uses megatron-core's *local* layer spec (torch norms, no TransformerEngine/apex), SequentialMLP
-experts, fp32 parameters unless `params_dtype` says otherwise, and CPU initialisation. Without a GPU
-every fusion flag that needs CUDA kernels is forced off and `cpu_compat.apply()` is run.
+experts, fp32 parameters unless `params_dtype` says otherwise, and CPU initialisation. `cpu_compat.apply()` is
+run first (its CPU patches only without a GPU), and without a GPU every fusion flag that needs CUDA kernels is
+forced off.
 """
 
 from __future__ import annotations
