@@ -126,9 +126,9 @@ def _carry(hf_dir: Path, into: Path) -> list[str]:
 def spec_copy(spec) -> tuple[dict[str, str], list[str]]:
     """The files of `spec` a checkpoint carries, by path relative to the spec file (the spec, then the bases of
     its `extends` chain beside or below it; built-in bases are found by name), and the bases it cannot carry."""
-    from ..dsl.parser import builtin_spec_dir
+    from ..inputs import SPEC_DIR
 
-    (top, text), builtin = spec.sources[-1] if spec.sources else (spec.file, spec.source), builtin_spec_dir().resolve()
+    (top, text), builtin = spec.sources[-1] if spec.sources else (spec.file, spec.source), SPEC_DIR.resolve()
     here, files, left = Path(top).resolve().parent, {Path(top).name: text}, []
     for file, base_text in spec.sources[:-1]:
         path = Path(file).resolve()
