@@ -73,6 +73,11 @@ FAMILIES = {
         **DEEPSEEK_V3, "q_lora_rank": None, "n_shared_experts": 2, "n_group": 1, "topk_group": 1,
         "num_hidden_layers": 2, "rope_parameters": dict(rope_type="default", rope_theta=500.0),
         "tie_word_embeddings": True}),
+    # Phi-3: head_dim from hidden_size / heads (no head_dim field), RoPE on 3/4 of each head
+    "phi3": ("Phi3ForCausalLM", {"head_dim": None, "intermediate_size": 88, "tie_word_embeddings": False,
+                                 "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                     "partial_rotary_factor": 0.75}}),
     "gemma4_moe": ("Gemma4ForCausalLM", {**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True}),
     "gemma4_dense": ("Gemma4ForCausalLM", {**GEMMA4, "attention_k_eq_v": True}),
     "gemma4_e2b": ("Gemma4ForCausalLM", GEMMA4_E2B),
@@ -116,7 +121,9 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     cls_name, extra = FAMILIES[family]
     config_cls = getattr(transformers, CONFIG_CLASSES.get(cls_name, cls_name.replace("ForCausalLM", "Config")))
     defaults = {} if "text_config" in extra else TINY  # a multimodal config holds the text model's in text_config
-    config = config_cls(**{**defaults, **extra, **overrides}, architectures=[cls_name])
+    fields = {**defaults, **extra, **overrides}
+    fields = {k: v for k, v in fields.items() if v is not None or k not in defaults}  # None drops a TINY field
+    config = config_cls(**fields, architectures=[cls_name])
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name)(config).float().eval()
     return perturb(model, seed)

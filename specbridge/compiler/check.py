@@ -15,7 +15,7 @@ from collections import defaultdict
 from ..dsl.diagnostics import DiagnosticSink, Span
 from . import ir, ops
 from .invert import uninvertible
-from .layouts import LayoutError, infer_sizes, shape_of
+from .layouts import LayoutError, infer_sizes, shape_of, split_shapes
 
 
 def check(plan: ir.Plan, hf: ir.Manifest, mcore: ir.Manifest, sources: dict[str, str] | None = None) -> ir.Plan:
@@ -152,6 +152,8 @@ def _check_shapes(plan: ir.Plan, hf: ir.Manifest, mcore: ir.Manifest, sink: Diag
         parts = {s.part: _part_shape(hf_shapes[s.key], s.index) for s in m.sources}
         target = tuple(mcore_shapes[m.mcore])
         try:
+            if m.hf_layout is not None:  # the one HF tensor is fused: its parts by the HF-side layout
+                parts = split_shapes(m.hf_layout, next(iter(parts.values())))
             expected = _fused_shape(m, parts, target)
         except LayoutError as exc:
             sink.error(m.span, f"{m.mcore}: {exc}")

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..dsl.diagnostics import Span
-from .ops import AddConst, Cast, CheckAbsent, FillAbsent, Fuse, Op, ScaleBy, Split  # noqa: F401  (the op nodes)
+from .ops import AddConst, Cast, CheckAbsent, FillAbsent, Fuse, Op, ScaleBy, Split, SplitSource  # noqa: F401  (op nodes)
 
 HF, MCORE = "hf", "mcore"
 HF_TO_MCORE, MCORE_TO_HF = "hf_to_mcore", "mcore_to_hf"
@@ -73,6 +73,11 @@ class Mapping:
     @property
     def layout(self) -> Layout | None:
         return next((op.layout for op in self.hf_to_mcore if isinstance(op, Fuse)), None)
+
+    @property
+    def hf_layout(self) -> Layout | None:
+        """The HF-side layout when the one HF tensor is itself fused (`SplitSource`): its parts are the layout's."""
+        return next((op.layout for op in self.hf_to_mcore if isinstance(op, SplitSource) and not op.join), None)
 
     @property
     def absent_parts(self) -> tuple[str, ...]:

@@ -67,3 +67,23 @@ def axis_position(layout: Layout, axis: str) -> int:
 
 def dim_of_axis(layout: Layout, axis: str) -> int:
     return next(k for k, dim in enumerate(layout.dims) if axis in dim)
+
+
+def split_shapes(layout: Layout, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The shape of every part of a tensor of `shape` split by `layout` (an HF-side layout)."""
+    sizes = infer_sizes(layout, shape)
+    return {part: shape_of(layout, sizes, part) for part in layout.part_names}
+
+
+def part_rows(layout: Layout, shape: tuple[int, ...]) -> dict[str, tuple[int, int]] | None:
+    """Where each part of a tensor of `shape` split by `layout` lies as one block of rows `[start, stop)`: when
+    the parts bracket is the outermost factor of dim 0 (`([q: a | k: b | v: b]) h`); None otherwise."""
+    if not layout.dims or not layout.dims[0] or layout.dims[0][0] != BRACKET:
+        return None
+    sizes = infer_sizes(layout, shape)
+    inner = math.prod(sizes[f] for f in layout.dims[0][1:])
+    rows, start = {}, 0
+    for part, extent in layout.parts:
+        rows[part] = (start * inner, (start + extent) * inner)
+        start += extent
+    return rows

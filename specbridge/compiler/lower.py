@@ -87,9 +87,10 @@ def _product(rule: ast.Rule, visible: tuple[str, ...]):
         return SentinelProduct(side, key(pattern), call.name, str(call.args[0].value), call.span)
     layout = _layout(rule.layout, visible) if rule.layout is not None else None
     sources = tuple(Part(part, key(p), p.stack_index.name if p.stack_index else None) for part, p in rule.hf)
+    hf_layout = _layout(rule.hf_layout, visible) if rule.hf_layout is not None else None
     return MappingProduct(key(rule.mcore), sources, shard(rule.shard, layout), layout,
                           tuple(_absent(part, call, visible) for part, call in rule.absent),
-                          tuple(_op(call, visible) for call in rule.ops))
+                          tuple(_op(call, visible) for call in rule.ops), hf_layout)
 
 
 def _layout(layout: ast.Layout, visible: tuple[str, ...]) -> LayoutTemplate:

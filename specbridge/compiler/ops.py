@@ -42,6 +42,15 @@ class Split:
 
 
 @dataclass(frozen=True, slots=True)
+class SplitSource:
+    """The one HF tensor is itself fused: its parts by the HF-side `layout` (Phi-3's `qkv_proj` = [q; k; v]).
+    Import splits it into the parts the Megatron layout then fuses; the inverse (`join`) fuses the parts back."""
+
+    layout: Layout
+    join: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class FillAbsent:
     """Import: part `part` does not exist on the HF side; fill it by `policy` ("copy_of" a sibling, or "zeros")."""
 
@@ -79,7 +88,7 @@ class ScaleBy:
     invert: bool = False
 
 
-Op = Fuse | Split | FillAbsent | CheckAbsent | AddConst | Cast | ScaleBy
+Op = Fuse | Split | SplitSource | FillAbsent | CheckAbsent | AddConst | Cast | ScaleBy
 SOURCE = "source"
 
 
@@ -137,7 +146,8 @@ class Inversion:
 class OpDef:
     name: str  # the kernel's name; for `written == "ops"` also the spec's spelling
     node: type
-    written: str  # where a spec states it: "ops" (a call), "layout" (fuse), "absent", "derived" (by invert)
+    written: str  # where a spec states it: "ops" (a call), "layout" (fuse), "hf_layout" (an HF-side split),
+    #               "absent", "derived" (by invert)
     params: tuple[Param, ...]
     build: Callable | None  # evaluated arguments -> the IR node (rows written under `ops:`)
     inverse: Callable[[Op, Inversion], Op]
@@ -182,6 +192,10 @@ ROWS: tuple[OpDef, ...] = (
           lambda op: "fuse parts by layout"),
     OpDef("split", Split, "derived", (), None, lambda op, _: Fuse(op.layout), _always, _nothing, "layout",
           lambda op: "split into parts by layout"),
+    OpDef("hf_layout", SplitSource, "hf_layout", (), None, lambda op, _: SplitSource(op.layout, not op.join),
+          _always, _nothing, "layout",
+          lambda op: ("join parts into the hf tensor by " if op.join else "split the hf tensor into parts by ")
+                     + f"hf_layout '{op.layout.text}'"),
     OpDef("fill_absent", FillAbsent, "absent", (), None,
           lambda op, _: CheckAbsent(op.part, op.policy, op.source_part, op.span), _always, _nothing, "layout",
           lambda op: f"ABSENT_PROJECTION {op.part} := "

@@ -249,8 +249,11 @@ def _expand(rule: Rule, values: _Values, prefix: str, domains: dict, sink: Diagn
 def _mapping(rule: Rule, product: MappingProduct, env: dict, values: _Values, layer, expert) -> ir.Mapping:
     absent = tuple(a for a in product.absent if a.when is None or values(a.when, env))
     layout = _layout(product.layout, env, values) if product.layout is not None else None
+    hf_layout = _layout(product.hf_layout, env, values) if product.hf_layout is not None else None
     calls = tuple(_op(call, env, values) for call in product.ops if call.when is None or values(call.when, env))
-    program = values.shared(("program", id(product), tuple(map(id, absent)), id(layout), calls), lambda: (
+    key = ("program", id(product), tuple(map(id, absent)), id(layout), id(hf_layout), calls)
+    program = values.shared(key, lambda: (
+        *((ir.SplitSource(hf_layout),) if hf_layout is not None else ()),
         *(ir.FillAbsent(a.part, a.policy, a.source_part, a.span) for a in absent),
         *((ir.Fuse(layout),) if layout is not None else ()), *calls))
     gone = {a.part for a in absent}

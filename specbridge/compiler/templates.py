@@ -92,6 +92,7 @@ class MappingProduct:
     layout: LayoutTemplate | None = None
     absent: tuple[Absent, ...] = ()
     ops: tuple[OpCall, ...] = ()
+    hf_layout: LayoutTemplate | None = None  # the one HF tensor is fused: split into the parts by this layout
 
 
 @dataclass(frozen=True, slots=True)

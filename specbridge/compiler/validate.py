@@ -121,7 +121,8 @@ def _check_sentinel(rule: ast.Rule, sink: DiagnosticSink) -> None:
         sink.error(rule.span, "a sentinel rule names exactly one side: 'hf' or 'mcore', not both")
     if len(rule.hf) > 1:
         sink.error(rule.span, "a sentinel rule names a single hf pattern")
-    for key, present in (("layout", rule.layout), ("absent", rule.absent), ("ops", rule.ops)):
+    for key, present in (("layout", rule.layout), ("hf_layout", rule.hf_layout), ("absent", rule.absent),
+                         ("ops", rule.ops)):
         if present:
             sink.error(rule.span, f"a sentinel rule cannot have '{key}'")
 
@@ -137,7 +138,8 @@ def _check_subtree(rule: ast.Rule, sink: DiagnosticSink) -> None:
             if isinstance(piece, ast.Ref | ast.Capture) and piece.name not in PARAMETERS:
                 sink.error(piece.span, f"a subtree pattern cannot capture ('{piece.name}'): every name below the "
                                        f"prefix maps 1:1 as it is")
-    for key, present in (("layout", rule.layout), ("absent", rule.absent), ("ops", rule.ops)):
+    for key, present in (("layout", rule.layout), ("hf_layout", rule.hf_layout), ("absent", rule.absent),
+                         ("ops", rule.ops)):
         if present:
             sink.error(rule.span, f"a subtree rule cannot have '{key}': its tensors map 1:1, unchanged")
     if rule.shard != "replicated":
@@ -151,10 +153,12 @@ def _check_mapping(rule: ast.Rule, spec: ast.Spec, sink: DiagnosticSink) -> None
     if rule.mcore.stack_index is not None:
         sink.error(rule.mcore.stack_index.span, "a stack index [{...}] is only allowed on the hf side")
     parts = [p for p, _ in rule.hf]
+    if rule.hf_layout is not None:
+        parts = _check_hf_layout(rule, sink)
     if len(parts) > 1 and rule.layout is None:
         sink.error(rule.span, f"rule fuses parts {parts} but has no 'layout' saying how")
     if rule.layout is not None:
-        _check_layout(rule, parts, sink)
+        _check_layout(rule.layout, parts, sink)
     _check_absent(rule, parts, sink)
     _check_ops(rule, sink)
     _check_shard(rule, sink)
@@ -162,8 +166,22 @@ def _check_mapping(rule: ast.Rule, spec: ast.Spec, sink: DiagnosticSink) -> None
         sink.error(rule.span, f"format '{rule.format}' is not one of hf.formats ({', '.join(spec.formats)})")
 
 
-def _check_layout(rule: ast.Rule, parts: list[str], sink: DiagnosticSink) -> None:
-    layout = rule.layout
+def _check_hf_layout(rule: ast.Rule, sink: DiagnosticSink) -> list[str]:
+    """An HF-side layout splits the rule's one HF tensor into the parts its bracket names (which the Megatron
+    layout then fuses); returns those parts."""
+    layout = rule.hf_layout
+    if len(rule.hf) != 1:
+        sink.error(layout.span, "an hf_layout splits one hf tensor: the rule must name a single hf pattern")
+    if rule.absent:
+        sink.error(layout.span, "a rule with an hf_layout cannot have absent parts: they all come from one tensor")
+    named = [p.name for dim in layout.dims for f in dim if isinstance(f, ast.Parts) for p in f.parts]
+    if not named:
+        sink.error(layout.span, "an hf_layout needs a [parts] bracket naming the parts of the hf tensor")
+    _check_layout(layout, named, sink)
+    return named
+
+
+def _check_layout(layout: ast.Layout, parts: list[str], sink: DiagnosticSink) -> None:
     brackets = [f for dim in layout.dims for f in dim if isinstance(f, ast.Parts)]
     if len(brackets) > 1:
         sink.error(brackets[1].span, "a layout has at most one [parts] bracket")

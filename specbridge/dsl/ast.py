@@ -211,6 +211,7 @@ class Rule:
     ops: tuple[Call, ...]
     format: str | None
     sentinel: Call | None
+    hf_layout: Layout | None = None  # the one HF tensor is itself fused: its parts, by this layout
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ TOP_KEYS = {"spec", "doc", "extends", "hf", "mcore", "symbols", "requires", "rul
 HF_KEYS = {"architectures", "formats"}
 ARCH_KEYS = {"prefix", "config"}
 MCORE_KEYS = {"model", "transformer", "model_args"}
-RULE_KEYS = {"mcore", "hf", "when", "layout", "shard", "absent", "ops", "format", "sentinel", "doc"}
+RULE_KEYS = {"mcore", "hf", "when", "layout", "hf_layout", "shard", "absent", "ops", "format", "sentinel", "doc"}
 SHARDS = ("replicated", "column", "row", "vocab")
 SINGLE_PART = "x"
 BUILTIN_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -363,13 +363,14 @@ class _SpecReader:
             self.sink.error(node.span, "rule names neither an 'mcore' nor an 'hf' pattern")
         when = self.parse(get("when"), "expr", "when") if get("when") else None
         layout = self.parse(get("layout"), "layout", "layout") if get("layout") else None
+        hf_layout = self.parse(get("hf_layout"), "layout", "hf_layout") if get("hf_layout") else None
         shard_node = get("shard")
         shard = self.string(shard_node, "shard") if shard_node else "replicated"
         absent = self.absent(get("absent")) if get("absent") else ()
         ops = self.ops(get("ops")) if get("ops") else ()
         fmt = self.string(get("format"), "format") if get("format") else None
         return ast.Rule(index, node.span, mcore, hf, when, layout, shard or "replicated",
-                        shard_node.span if shard_node else node.span, absent, ops, fmt, sentinel)
+                        shard_node.span if shard_node else node.span, absent, ops, fmt, sentinel, hf_layout)
 
     def hf_sources(self, node: Located):
         if isinstance(node.value, str):

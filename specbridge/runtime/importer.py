@@ -10,10 +10,12 @@ ranks, so every rank ends with the same error naming key, rule and rank.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..compiler import ir
-from ..compiler.layouts import dim_of_axis
+from ..compiler.layouts import LayoutError, dim_of_axis, part_rows, split_shapes
 from ..compiler.ops import row as op_row
 from ..errors import ConversionError
 from . import tp
@@ -125,11 +127,23 @@ def _part_shape(reader, source: ir.Source) -> tuple[int, ...]:
     return reader.shape(source.key)[1 if source.index is not None else 0:]
 
 
+def _part_shapes(mapping: ir.Mapping, reader) -> dict[str, tuple[int, ...]]:
+    """The shape of each part the Megatron layout fuses (an HF-side layout's parts for a fused HF tensor)."""
+    shapes = {s.part: _part_shape(reader, s) for s in mapping.sources}
+    if mapping.hf_layout is None:
+        return shapes
+    try:
+        return split_shapes(mapping.hf_layout, next(iter(shapes.values())))
+    except LayoutError as exc:
+        raise ConversionError(f"hf tensor of shape {list(next(iter(shapes.values())))}: {exc}",
+                              key=mapping.sources[0].key, rule=mapping.span) from None
+
+
 def _check_divisible(mapping: ir.Mapping, reader, topology: Topology) -> None:
     rank, size = tp_of(topology, mapping)
     if size == 1 or mapping.shard.kind != "axis" or mapping.shard.axis is None:
         return
-    what, extent = tp.shard_extent(mapping, size, {s.part: _part_shape(reader, s) for s in mapping.sources})
+    what, extent = tp.shard_extent(mapping, size, _part_shapes(mapping, reader))
     if extent % size:
         layer = f" (layer {mapping.layer})" if mapping.layer is not None else ""
         raise ConversionError(f"{what} of '{mapping.mcore}'{layer} has size {extent}, which tensor parallel size "
@@ -198,16 +212,34 @@ def _row_shardable(mapping: ir.Mapping, size: int) -> bool:
         return False
     if mapping.layout is None:
         return mapping.shard.dim == 0
+    if mapping.hf_layout is not None and mapping.hf_layout.dims[0][:1] != (ir.BRACKET,):
+        return False  # the HF tensor's parts are not blocks of rows (see `layouts.part_rows`)
     return dim_of_axis(mapping.layout, mapping.shard.axis) == 0 and not tp.below_tp(mapping, size)
 
 
 def _import_rows(mapping: ir.Mapping, reader, rank: int, size: int) -> torch.Tensor:
-    parts = {s.part: _read_part_rows(mapping, s, reader, rank, size) for s in mapping.sources}
-    return run_import(tp.localized(mapping, size), parts, read=reader.get)
+    local = tp.localized(mapping, size)
+    if mapping.hf_layout is None:
+        parts = {s.part: _read_part_rows(mapping, s, reader, rank, size) for s in mapping.sources}
+        return run_import(local, parts, read=reader.get)
+    # a fused HF tensor whose parts are blocks of rows: each part's rows of this rank, read as a part
+    (source,) = mapping.sources
+    shape = _part_shape(reader, source)
+    parts = {part: _read_part_rows(mapping, source, reader, rank, size, part, (start, shape))
+             for part, (start, _) in part_rows(mapping.hf_layout, shape).items()}
+    program = tuple(op for op in local.hf_to_mcore if not isinstance(op, ir.SplitSource))
+    return run_import(dataclasses.replace(local, hf_to_mcore=program), parts, read=reader.get)
 
 
-def _read_part_rows(mapping: ir.Mapping, source: ir.Source, reader, rank: int, size: int) -> torch.Tensor:
-    """The rows of one HF part that hold this rank's chunk of the sharded axis."""
-    ranges = tp.part_row_ranges(mapping, source.part, _part_shape(reader, source), rank, size)
-    pieces = [reader.get(source.key, source.index, rows=r) for r in ranges]
+def _read_part_rows(mapping: ir.Mapping, source: ir.Source, reader, rank: int, size: int, part: str | None = None,
+                    within: tuple[int, tuple[int, ...]] | None = None) -> torch.Tensor:
+    """The rows of one HF part that hold this rank's chunk of the sharded axis; `within` = (first row, shape of
+    the whole tensor) when the part is a block of rows of a fused HF tensor."""
+    part = part or source.part
+    if within is None:
+        offset, shape = 0, _part_shape(reader, source)
+    else:
+        offset, shape = within[0], split_shapes(mapping.hf_layout, within[1])[part]
+    ranges = tp.part_row_ranges(mapping, part, shape, rank, size)
+    pieces = [reader.get(source.key, source.index, rows=(offset + a, offset + b)) for a, b in ranges]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

@@ -86,6 +86,13 @@ def _split(op: ir.Split, run: _Run) -> None:
     run.parts = split(op.layout, run.tensor)
 
 
+def _split_source(op: ir.SplitSource, run: _Run) -> None:
+    if op.join:
+        run.tensor, run.parts = fuse(op.layout, run.parts), None
+    else:
+        run.parts, run.tensor = split(op.layout, run.tensor), None
+
+
 def _fill_absent(op: ir.FillAbsent, run: _Run) -> None:
     if op.policy == "copy_of":
         run.parts[op.part] = run.parts[op.source_part].clone()
@@ -118,7 +125,7 @@ def _scale(op: ir.ScaleBy, run: _Run) -> None:
 
 
 KERNELS: dict[str, Callable] = {  # op name (compiler/ops.py) -> kernel(op, run)
-    "fuse": _fuse, "split": _split, "fill_absent": _fill_absent, "check_absent": _check_absent_kernel,
+    "fuse": _fuse, "split": _split, "hf_layout": _split_source, "fill_absent": _fill_absent, "check_absent": _check_absent_kernel,
     "add": _add, "cast": _cast, "scale": _scale,
 }
 

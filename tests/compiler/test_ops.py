@@ -53,8 +53,26 @@ def test_every_op_has_one_row_and_one_kernel():
     assert set(ops.BY_NODE) == set(ops.Op.__args__)
     assert set(ops.SPEC_OPS) == {"add", "cast", "scale"}
     for row in ops.ROWS:
-        assert row.sharding in ("elementwise", "whole", "layout") and row.written in ("ops", "layout", "absent",
-                                                                                        "derived")
+        assert row.sharding in ("elementwise", "whole", "layout") and row.written in ("ops", "layout", "hf_layout",
+                                                                                        "absent", "derived")
+
+
+def test_hf_layout_splits_a_fused_hf_tensor_and_its_inverse_joins_it():
+    """Phi-3's qkv_proj ([all q; all k; all v]) -> Megatron's per-group QKV, and the derived program back."""
+    kv, r, d, h = 2, 3, 4, 5
+    hf = ir.Layout(((ir.BRACKET,), ("h",)), (), (("q", kv * r * d), ("k", kv * d), ("v", kv * d)), "hf")
+    mcore = ir.Layout((("g", ir.BRACKET), ("h",)), (("g", kv),), (("q", r * d), ("k", d), ("v", d)), "mcore")
+    program = (ops.SplitSource(hf), ops.Fuse(mcore))
+    inverse = ops.inverse(program, ops.Inversion({}))
+    assert inverse == (ops.Split(mcore), ops.SplitSource(hf, join=True)) and ops.exact(program)
+    mapping = ir.Mapping(0, None, "qkv", (ir.Source("x", "qkv_proj"),), ir.Shard("axis", "g", 0), program, inverse)
+    assert mapping.hf_layout == hf and mapping.layout == mcore
+    x = torch.randn(kv * (r + 2) * d, h)
+    q, k, v = x.split([kv * r * d, kv * d, kv * d])
+    expected = torch.cat([q.view(kv, r * d, h), k.view(kv, d, h), v.view(kv, d, h)], 1).reshape(-1, h)
+    fused = run_import(mapping, {"x": x})
+    assert torch.equal(fused, expected)
+    assert torch.equal(run_export(mapping, fused)["x"], x)
 
 
 @pytest.mark.parametrize("target, source, exact", [

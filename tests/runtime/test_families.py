@@ -63,6 +63,10 @@ def test_llama_rope_scaling_parity(rope_type, tmp_path, parallel):
     ("deepseek_v3", {"rope_parameters": {**YARN, "truncate": False}}, "truncate"),
     ("deepseek_v3", {"rope_parameters": {**YARN, "mscale": 0.0}}, "mscale"),
     ("deepseek_v3", {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}, "rope_type"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                  "short_factor": [1.0] * 6, "long_factor": [2.0] * 6},
+              "original_max_position_embeddings": 4096}, "rope_type"),
+    ("phi3", {"sliding_window": 2047}, "sliding_window"),  # Phi-3-mini-4k's window
 ])
 def test_unsupported_configs_are_refused_naming_the_field(family, overrides, field):
     config = tiny_model(family, max_position_embeddings=LONG, **overrides).config
