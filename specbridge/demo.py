@@ -52,7 +52,16 @@ DEEPSEEK_V3 = dict(vocab_size=256, hidden_size=64, intermediate_size=56, num_hid
                    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, mscale=1.0,
                                         mscale_all_dim=0.8, original_max_position_embeddings=32, beta_fast=32.0,
                                         beta_slow=1.0), tie_word_embeddings=False)
-CONFIG_CLASSES = {"Gemma4ForCausalLM": "Gemma4TextConfig", "Gemma4ForConditionalGeneration": "Gemma4Config"}
+# Gemma 3: window 4 < sequence, two full layers of 5 (linear-scaled RoPE on them), softcapped logits
+GEMMA3 = dict(vocab_size=251, hidden_size=48, intermediate_size=40, num_hidden_layers=5, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=20, sliding_window=4,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                           "full_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
+              final_logit_softcapping=30.0, max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1,
+              attn_implementation="eager")
+CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma4ForCausalLM": "Gemma4TextConfig", "Gemma4ForConditionalGeneration": "Gemma4Config"}
 
 FAMILIES = {
     "llama": ("LlamaForCausalLM", {"tie_word_embeddings": False}),
@@ -78,6 +87,7 @@ FAMILIES = {
                                  "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                      "partial_rotary_factor": 0.75}}),
+    "gemma3": ("Gemma3ForCausalLM", GEMMA3),
     "gemma4_moe": ("Gemma4ForCausalLM", {**GEMMA4, **GEMMA4_MOE, "attention_k_eq_v": True}),
     "gemma4_dense": ("Gemma4ForCausalLM", {**GEMMA4, "attention_k_eq_v": True}),
     "gemma4_e2b": ("Gemma4ForCausalLM", GEMMA4_E2B),

@@ -22,7 +22,7 @@ from tests.support import FAMILIES, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
-SPECS = ("llama", "qwen3", "qwen3_moe", "gemma4", "deepseek_v3", "phi3")  # phi3: an HF-side layout
+SPECS = ("llama", "qwen3", "qwen3_moe", "gemma4", "deepseek_v3", "phi3", "gemma3")  # phi3: an HF-side layout
 SPEC_OF = {family: "gemma4" if family.startswith("gemma4") else family.split("_tied")[0].split("_unnormed")[0]
            .split("_mixed")[0].split("_q_proj")[0] for family in FAMILIES}
 

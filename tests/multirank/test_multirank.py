@@ -54,6 +54,7 @@ CASES = {
     "qwen2_tp2": ("qwen2", 2, ["--tp", "2"], dict(num_hidden_layers=3)),  # QKV biases split by query group
     "mistral_tp2": ("mistral", 2, ["--tp", "2"], dict(num_hidden_layers=3)),
     "phi3_tp2": ("phi3", 2, ["--tp", "2"], dict(num_hidden_layers=3)),  # HF-side fused qkv_proj, read by part rows
+    "gemma3_tp2": ("gemma3", 2, ["--tp", "2"], dict(num_hidden_layers=5)),  # sliding and full layers, (1 + w) norms
     "mixtral_ep2": ("mixtral", 2, ["--ep", "2"], dict(num_hidden_layers=3)),
     "qwen3_moe_mixed_ep2": ("qwen3_moe_mixed", 2, ["--ep", "2"], dict(num_hidden_layers=4)),  # dense between MoE
     # MLA projections split by heads / latent rows, shared experts by TP; experts by EP under the sigmoid router

@@ -67,6 +67,14 @@ def test_llama_rope_scaling_parity(rope_type, tmp_path, parallel):
                                   "short_factor": [1.0] * 6, "long_factor": [2.0] * 6},
               "original_max_position_embeddings": 4096}, "rope_type"),
     ("phi3", {"sliding_window": 2047}, "sliding_window"),  # Phi-3-mini-4k's window
+    ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                    "full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6}}},
+     "full_attention"),
+    ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6,
+                                                       "partial_rotary_factor": 0.5}}}, "partial_rotary_factor"),
 ])
 def test_unsupported_configs_are_refused_naming_the_field(family, overrides, field):
     config = tiny_model(family, max_position_embeddings=LONG, **overrides).config
@@ -170,3 +178,17 @@ def test_deepseek_v3_published_coverage_and_megatron_lm_args(parallel):
         "mscale": 1.0, "mscale_all_dim": 1.0, "rotary_base": 10000, "moe_router_enable_expert_bias": True,
         "moe_router_num_groups": 8, "moe_router_group_topk": 4, "moe_router_topk_scaling_factor": 2.5,
         "moe_shared_expert_intermediate_size": 2048}
+
+
+def test_gemma3_multimodal_class_is_not_served():
+    """Gemma3ForConditionalGeneration (the published 4B/12B/27B class) carries a SigLIP tower the Gemma decoder does
+    not run: it is refused as a whole, in one line, rather than converted without its vision tower."""
+    import transformers
+
+    from specbridge.demo import GEMMA3
+    from specbridge.errors import UsageError
+
+    text = {k: v for k, v in GEMMA3.items() if k != "attn_implementation"}
+    config = transformers.Gemma3Config(text_config=text, architectures=["Gemma3ForConditionalGeneration"])
+    with pytest.raises(UsageError, match="no built-in spec serves architecture 'Gemma3ForConditionalGeneration'"):
+        Converter.from_config(config)

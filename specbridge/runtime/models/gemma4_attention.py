@@ -5,7 +5,7 @@ Contract:
   cast back (no `1 + w`); `with_weight=False` gives the weightless norm (v_norm, router norm).
 - `Gemma4RotaryEmbedding(position_ids)` answers `{layer_type: freqs [s, b, 1, d]}` in megatron's
   non-interleaved layout (`cat(f, f)`), one entry per layer type, from HF's inverse frequencies:
-  "default" for sliding layers, "proportional" for full layers (rotated dims `[0:ra]` and
+  "default" for sliding layers, "proportional" for full layers (Gemma 3: "default" or "linear"; rotated dims `[0:ra]` and
   `[d/2 : d/2+ra]`; the rest get frequency 0, i.e. cos 1 / sin 0, exactly the identity).
 - `Gemma4SelfAttention` is megatron's `SelfAttention` (fused per-group QKV `[q heads | k | v]`,
   ColumnParallel/RowParallel projections, DotProductAttention) plus: it picks its RoPE entry by
@@ -29,12 +29,13 @@ from torch import Tensor
 from specbridge.runtime.models.gemma4_config import FULL, Gemma4TransformerConfig
 
 
-def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
-    """HF Gemma 4 RMSNorm: fp32 `x * (mean(x^2) + eps) ** -0.5` (times `weight`), cast back to x's dtype."""
+def rms_norm(x: Tensor, eps: float, weight: Tensor | None = None, unit_offset: bool = False) -> Tensor:
+    """HF Gemma 4 RMSNorm: fp32 `x * (mean(x^2) + eps) ** -0.5` (times `weight`), cast back to x's dtype; with
+    `unit_offset`, HF Gemma 3's: times `1 + weight` (the weight stored as HF stores it, so nothing is folded)."""
     x32 = x.float()
     normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
-        normed = normed * weight.float()
+        normed = normed * (1.0 + weight.float() if unit_offset else weight.float())
     return normed.type_as(x)
 
 
@@ -44,22 +45,25 @@ class Gemma4RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, with_weight: bool = True) -> None:
         super().__init__()
         self.eps = eps
+        self.unit_offset = getattr(config, "norm_unit_offset", False)
         if with_weight:
-            self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+            init = torch.zeros if self.unit_offset else torch.ones  # the identity either way
+            self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
             self.weight.sequence_parallel = config.sequence_parallel
         else:
             self.weight = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.eps, self.weight)
+        return rms_norm(x, self.eps, self.weight, self.unit_offset)
 
 
 def rope_inv_freq(params: dict, head_dim: int) -> Tensor:
     """HF's inverse frequencies ([head_dim / 2], fp32) for one layer type's rope parameters."""
     base = params["rope_theta"]
     rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if rope_type in ("default", "linear"):  # linear (Gemma 3's full layers): positions divided by the factor
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        return inv_freq / params["factor"] if rope_type == "linear" else inv_freq
     if rope_type != "proportional":
         raise NotImplementedError(f"Gemma 4 RoPE type {rope_type!r} is not supported")
     rope_angles = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
@@ -129,10 +133,12 @@ class Gemma4SelfAttention(SelfAttention):
             self.linear_q = self.linear_qkv
             del self.linear_qkv
             self.k_layernorm = None
-        else:
+        elif config.value_norm:
             self.v_layernorm = Gemma4RMSNorm(
                 config, self.hidden_size_per_attention_head, config.layernorm_epsilon, with_weight=False
             )
+        else:
+            self.v_layernorm = torch.nn.Identity()
 
     def forward(
         self, hidden_states: Tensor, attention_mask: Tensor | None, *args, rotary_pos_emb=None, **kwargs

@@ -27,7 +27,8 @@ class Gemma4TransformerConfig(TransformerConfig):
 
     `rope_parameters` is HF's per-layer-type dict ({"rope_type", "rope_theta", "partial_rotary_factor", "factor"});
     `per_layer_input_size` is the per-layer-embedding width (0: no per-layer embeddings); `bidirectional_vision`:
-    sliding layers let the tokens of one image attend to each other both ways.
+    sliding layers let the tokens of one image attend to each other both ways. `norm_unit_offset`, `value_norm`
+    and `layer_scalar` select Gemma 3's variants of the same decoder.
     """
 
     layer_types: list[str] | None = None
@@ -40,6 +41,10 @@ class Gemma4TransformerConfig(TransformerConfig):
     final_logit_softcapping: float | None = None
     per_layer_input_size: int = 0
     bidirectional_vision: bool = False
+    # the options Gemma 3 (specs/gemma3.yaml) sets on the same decoder:
+    norm_unit_offset: bool = False  # RMSNorms scale by (1 + w), w stored as HF stores it (Gemma 3); else by w
+    value_norm: bool = True  # the weightless RMSNorm on V (Gemma 4; not Gemma 3)
+    layer_scalar: bool = True  # each layer's output scaled by its `layer_scalar` (Gemma 4; not Gemma 3)
 
     def __post_init__(self) -> None:
         if self.window_size is not None:

@@ -8,7 +8,7 @@ KV groups) comes from its *global* index (`layer_number` + pipeline offset, via
     y = mlp(x)  (dense layer)   or   y = mlp(x, r)  (MoE layer, see gemma4_moe)
     h = r + post_mlp_layernorm(y)
     h = h + post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(h)) * p_i))   (PLE only)
-    h = h * layer_scalar
+    h = h * layer_scalar   (Gemma 4 only: `config.layer_scalar`)
 where p_i is this layer's per-layer input (the model's `StageState`; the two small PLE projections are
 replicated across TP, so the block adds no reduction). The MLP width is the layer's own
 (`layer_ffn_hidden_sizes`). `gemma4_block_spec(config, vp_stage)` answers this pipeline stage's
@@ -81,7 +81,8 @@ class Gemma4TransformerLayer(TransformerLayer):
         norm_args = dict(config=self.config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
         self.post_attention_layernorm = build_module(submodules.post_attention_layernorm, **norm_args)
         self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm_args)
-        self.layer_scalar = torch.nn.Parameter(torch.ones(1, dtype=config.params_dtype), requires_grad=False)
+        if config.layer_scalar:
+            self.layer_scalar = torch.nn.Parameter(torch.ones(1, dtype=config.params_dtype), requires_grad=False)
         self.state: StageState | None = None  # the model chunk's, set when the chunk is built
         if config.per_layer_input_size:
             self._build_per_layer_input_block(config, pg_collection)
@@ -137,7 +138,8 @@ class Gemma4TransformerLayer(TransformerLayer):
         hidden_states = residual + self._dropout(self.post_mlp_layernorm(output))
         if self.config.per_layer_input_size:
             hidden_states = hidden_states + self._per_layer_input_block(hidden_states)
-        hidden_states = hidden_states * self.layer_scalar.to(hidden_states.dtype)
+        if self.config.layer_scalar:
+            hidden_states = hidden_states * self.layer_scalar.to(hidden_states.dtype)
         return make_viewless_tensor(
             hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True
         ), context
