@@ -116,7 +116,7 @@ def _derive_one(m: ir.Mapping, sink: DiagnosticSink) -> AdapterTarget | None:
     if any(s.index is not None or not s.key.endswith(".weight") for s in m.sources):
         sink.error(m.span, f"{where}: the HF side is not a linear module's weight ({m.sources[0].key})")
         return None
-    extra = [op for op in m.hf_to_mcore if not isinstance(op, ir.FillAbsent | ir.Fuse | ir.Cast)]
+    extra = [op for op in m.hf_to_mcore if not isinstance(op, ir.FillAbsent | ir.Fuse | ir.Cast | ir.SplitSource)]
     if extra:
         sink.error(m.span, f"{where} cannot be derived: the base rule applies {type(extra[0]).__name__}, which a "
                            f"low-rank update of the weight would have to follow")
@@ -143,7 +143,8 @@ def _derive_one(m: ir.Mapping, sink: DiagnosticSink) -> AdapterTarget | None:
     b = ir.Mapping(m.rule, m.span, mcore_key(module, B),
                    tuple(ir.Source(part, peft_key(hf, B)) for part, hf in modules),
                    ir.Shard("replicated") if row else m.shard,
-                   (*absent, *((ir.Fuse(b_layout),) if b_layout is not None else ())), layer=m.layer, expert=m.expert)
+                   (*((ir.SplitSource(_rank_as_input(m.hf_layout)),) if m.hf_layout is not None else ()), *absent,
+                    *((ir.Fuse(b_layout),) if b_layout is not None else ())), layer=m.layer, expert=m.expert)
     return AdapterTarget(m, a, b, modules)
 
 

@@ -34,7 +34,7 @@ from ..errors import ConversionError, UsageError
 from . import collectives
 from .exporter import gather_tp
 from .lora import LoraSettings, adapter_tensors
-from .ops import run_import, split
+from .ops import fuse, run_import, split
 from .parallel import Topology, current_topology
 from .placement import tp_of, writes
 from .tp import tp_slice
@@ -227,7 +227,7 @@ def _offsets(stacked) -> list[tuple[str, int]]:
 
 def _part_rows(t: AdapterTarget, part: str, rows: int, rank: int) -> int:
     layout = t.b.layout
-    if layout is None:
+    if layout is None or t.b.hf_layout is not None:  # the part is the whole fused HF module
         return rows
     return shape_of(layout, infer_sizes(layout, (rows, rank)), part)[0]
 
@@ -267,6 +267,8 @@ def _peft_tensors(t: AdapterTarget, settings: LoraSettings, a_full, b_full, chec
             if check_absent:
                 _check_absent_rows(t, op, b_parts)
             del b_parts[op.part]
+    if t.b.hf_layout is not None:  # one fused HF module (Phi-3's qkv_proj): its parts joined back
+        b_parts = {t.b.sources[0].part: fuse(t.b.hf_layout, b_parts)}
     stacked = dict(settings.stacked).get(t.module)
     offsets = dict(_offsets(stacked)) if stacked else {}
     ranks_of = dict(stacked) if stacked else {}

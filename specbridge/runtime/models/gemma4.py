@@ -8,7 +8,8 @@ initialised) whose forward `model(input_ids, position_ids, attention_mask=None, 
 `model` the spec's `mcore.model_args`. `hf_config` is read only for what transformers owns as whole modules: a
 multimodal `Gemma4Config` gives the vision / audio towers (transformers' own classes, first pipeline stage,
 replicated across TP) and the token ids their soft tokens replace. Every HF tensor maps to exactly one megatron
-tensor (see specs/gemma4.yaml); no weight is folded into another.
+tensor (see specs/gemma4.yaml); no weight is folded into another. Gemma 3 text (specs/gemma3.yaml) is built by
+the same function with three options of the config (`norm_unit_offset`, `value_norm`, `layer_scalar`).
 
 Modules: gemma4_config (TransformerConfig with per-layer lists), gemma4_attention (norm, RoPE, attention, KV
 sharing), gemma4_moe (router, MoE block), gemma4_layer (layer, specs), gemma4_model (GPTModel: embeddings, PLE,
