@@ -171,6 +171,22 @@ class Converter:
             return build_chunks(self.plan, self.hf_config, params_dtype or self.source_dtype, extra_transformer,
                                 padded_vocab)
 
+    def megatron_config(self, params_dtype=None, extra_transformer: dict | None = None):
+        """(megatron-core `TransformerConfig`, `GPTModel` keyword arguments) of this model at the current parallel
+        layout, for building the model oneself with megatron-core's own spec functions (local or TransformerEngine
+        layer spec, grouped experts or not); `import_weights` and `export_weights` take such a model as they take
+        `build_model`'s. Random initialisation is off (`perform_initialization`): the import fills every tensor."""
+        from .runtime import cpu_compat
+        from .runtime.build import model_fields
+        from .runtime.models.gpt import transformer_config
+
+        if self.plan.model != "gpt":
+            raise UsageError(f"spec '{self.plan.spec}' builds megatron model '{self.plan.model}', not megatron-core's "
+                             f"GPTModel: use build_model()")
+        cpu_compat.apply()
+        transformer, model = model_fields(self.plan, params_dtype or self.source_dtype, extra_transformer)
+        return transformer_config(transformer), model
+
     def import_weights(self, chunks, hf_dir, topology: Topology | None = None, progress=None,
                        cast: bool = False) -> CheckpointReader:
         """Fill `chunks` from the HF checkpoint. A tensor whose dtype differs from its parameter's is converted

@@ -20,6 +20,7 @@ from ..compiler import ir
 from ..errors import ConversionError, UsageError
 from .models import build_model
 from .models.gpt import UnknownConfigField
+from .naming import BUILT_HERE
 from .parallel import Topology, current_topology
 from .tp import padded_vocab_size
 
@@ -32,6 +33,25 @@ def build_chunks(plan: ir.Plan, hf_config, params_dtype=None, extra_transformer:
     """This rank's model chunks. `extra_transformer` adds TransformerConfig fields the spec does not set (e.g. an
     uneven pipeline split of one's own); `padded_vocab` is the padded vocabulary a checkpoint was written with."""
     topology = topology or current_topology()
+    transformer, model = model_fields(plan, params_dtype, extra_transformer, padded_vocab, topology)
+    chunks = []
+    for vp_stage in topology.vp_stages():
+        try:
+            chunk = build_model(plan.model, transformer, model, hf_config=hf_config,
+                                pre_process=topology.is_first_stage(vp_stage),
+                                post_process=topology.is_last_stage(vp_stage), vp_stage=vp_stage)
+        except UnknownConfigField as exc:
+            raise _unknown_field_error(plan, exc) from None
+        setattr(chunk, BUILT_HERE, True)  # named by its module tree (naming.global_names)
+        chunks.append(chunk)
+    return chunks
+
+
+def model_fields(plan: ir.Plan, params_dtype=None, extra_transformer: dict | None = None,
+                 padded_vocab: int | None = None, topology: Topology | None = None) -> tuple[dict, dict]:
+    """(TransformerConfig kwargs, model kwargs) of this plan's model at `topology`, sizes checked: the spec's
+    sections plus the parallel sizes, an uneven pipeline split where needed and the padded vocabulary."""
+    topology = topology or current_topology()
     # every tensor is overwritten by an import or a checkpoint load (an unfilled one is an error), so megatron-core's
     # random initialisation is skipped: it dominated build time at real sizes
     transformer = {"perform_initialization": False, **plan.transformer_kwargs(), **(extra_transformer or {})}
@@ -42,15 +62,7 @@ def build_chunks(plan: ir.Plan, hf_config, params_dtype=None, extra_transformer:
     model = plan.model_kwargs()
     if "vocab_size" in model:
         model["vocab_size"] = model_vocab_size(model["vocab_size"], topology.tp_size, padded_vocab)
-    chunks = []
-    for vp_stage in topology.vp_stages():
-        try:
-            chunks.append(build_model(plan.model, transformer, model, hf_config=hf_config,
-                                      pre_process=topology.is_first_stage(vp_stage),
-                                      post_process=topology.is_last_stage(vp_stage), vp_stage=vp_stage))
-        except UnknownConfigField as exc:
-            raise _unknown_field_error(plan, exc) from None
-    return chunks
+    return transformer, model
 
 
 def model_vocab_size(vocab: int, tp_size: int, padded: int | None = None) -> int:

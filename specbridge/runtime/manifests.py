@@ -12,7 +12,7 @@ import torch
 
 from ..compiler import ir
 from ..errors import UsageError
-from .naming import local_to_global, named_tensors
+from .naming import global_names, named_tensors
 
 
 def hf_model_class(architecture: str):
@@ -42,7 +42,7 @@ def hf_manifest(architecture: str, hf_config, fmt: str, formats: tuple[str, ...]
 def mcore_manifest(chunks, model_name: str) -> ir.Manifest:
     tensors = []
     for chunk in chunks:
-        names = local_to_global(chunk)
+        names = global_names(chunk)
         for local, tensor in named_tensors(chunk).items():
-            tensors.append((names[local], tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
+            tensors.append((names.get(local, local), tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
     return ir.Manifest(ir.MCORE, f"the megatron-core '{model_name}' model", tuple(tensors))

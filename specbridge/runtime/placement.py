@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from ..compiler import ir
-from .naming import local_to_global, named_tensors
+from .naming import global_names, named_tensors
 from .parallel import Topology
 
 
@@ -44,7 +44,7 @@ def local_tensors(chunks: Iterable[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """Global Megatron name -> this rank's tensor, over every model chunk (virtual pipeline stages)."""
     out = {}
     for chunk in chunks:
-        names = local_to_global(chunk)
+        names = global_names(chunk)
         for local, tensor in named_tensors(chunk).items():
-            out[names[local]] = tensor
+            out[names.get(local, local)] = tensor  # unnamed: reported by the importer as unfilled
     return out
