@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.add_argument("--adapter", default=None, metavar="PEFT_DIR",
                    help="also convert this PEFT LoRA adapter (the Megatron checkpoint holds both)")
+    p.add_argument("--layer-spec", choices=("te", "local"), default=None,
+                   help="write the checkpoint keys of a TransformerEngine layer-spec model (te: what multi-GPU "
+                        "Megatron training builds; the default for GPT models) or of megatron-core's local spec "
+                        "(--transformer-impl local)")
     p = sub.add_parser("export", help="Megatron distributed checkpoint -> HF checkpoint")
     p.add_argument("mcore_dir", help="a Megatron checkpoint written by specbridge import")
     p.add_argument("out", help="the HF checkpoint directory (or PEFT adapter directory) to write")
@@ -289,6 +293,23 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _layer_spec(choice: str | None, plan) -> str:
+    """The layer spec whose checkpoint keys `import` writes: TE's for megatron-core's GPTModel unless told
+    otherwise. Other models (Gemma 4's decoder) and multi-latent attention (whose TE keys `te_keys` does not
+    write yet) have only the local spec's."""
+    from .errors import UsageError
+
+    why = (f"spec '{plan.spec}' builds megatron model '{plan.model}', which has no TransformerEngine layer spec in "
+           f"megatron-core" if plan.model != "gpt" else
+           f"spec '{plan.spec}' uses multi-latent attention, whose TransformerEngine keys specbridge does not write"
+           if plan.transformer_kwargs().get("multi_latent_attention") else None)
+    if why is None:
+        return choice or "te"
+    if choice == "te":
+        raise UsageError(f"--layer-spec te: {why}; use --layer-spec local")
+    return "local"
+
+
 def cmd_import(args) -> int:
     from .api import Converter, builtin_specs
     from .runtime import collectives, dtypes, mcore_checkpoint
@@ -297,6 +318,7 @@ def cmd_import(args) -> int:
     collectives.check_output(args.out, args.overwrite, inputs=[args.hf_dir])  # before any work
     topology = _init(args)
     conv = Converter.from_pretrained(args.hf_dir, args.spec, args.architecture, args.format)
+    layer_spec = _layer_spec(args.layer_spec, conv.plan)
     reader = CheckpointReader(args.hf_dir)
     params_dtype = dtypes.parse_choice(args.dtype) or dtypes.checkpoint_dtype(reader)
     casts = dtypes.import_casts(conv.plan, reader, params_dtype)
@@ -315,7 +337,7 @@ def cmd_import(args) -> int:
     if settings is not None:
         metadata["adapter"] = {**settings.to_json(), "base_model": str(args.hf_dir)}
     mcore_checkpoint.save(chunks, args.out, metadata, overwrite=args.overwrite, spec_files=spec_files,
-                          hf_dir=args.hf_dir, model_kwargs=model_kwargs)
+                          hf_dir=args.hf_dir, model_kwargs=model_kwargs, layer_spec=layer_spec)
     if casts:
         _say(f"import: {dtypes.summary(casts)}")
     if uncarried and not builtin:

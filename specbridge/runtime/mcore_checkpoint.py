@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError, UsageError
-from . import collectives, dtypes
+from . import collectives, dtypes, te_keys
 from .safetensors_io import shard_path
 
 METADATA = "specbridge.json"
@@ -55,16 +55,29 @@ CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", 
 # ---------------------------------------------------------------- writing
 
 
-def _sharded_state_dict(chunks) -> dict:
+def _sharded_state_dict(chunks, layer_spec: str = "local", present: set[str] | None = None) -> dict:
+    """The chunks' sharded state dicts, under the keys of `layer_spec` (`te_keys`): for writing; or, given the keys
+    `present` in a checkpoint, for reading it (a MoE norm under whichever key it holds)."""
+    from .parallel import current_topology
+
+    def one(chunk):
+        sharded = chunk.sharded_state_dict()
+        if layer_spec == "te" or present is not None:
+            sharded = te_keys.te_sharded_state_dict(chunk, sharded, current_topology(), extra_state=present is None,
+                                                    present=present)
+        return sharded
+
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{k}": chunk.sharded_state_dict() for k, chunk in enumerate(chunks)}
+        return {"model": one(chunks[0])}
+    return {f"model{k}": one(chunk) for k, chunk in enumerate(chunks)}
 
 
 def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, spec_files: dict | None = None,
-         hf_dir: str | Path | None = None, model_kwargs: dict | None = None) -> Path:
+         hf_dir: str | Path | None = None, model_kwargs: dict | None = None, layer_spec: str = "local") -> Path:
     """Write the checkpoint of `chunks` (every rank its shards) with `metadata` (see `conversion_metadata`), the
-    spec's files (`spec_copy`), and the HF files of `hf_dir` that an export carries over."""
+    spec's files (`spec_copy`), and the HF files of `hf_dir` that an export carries over; with the keys of a
+    TransformerEngine layer-spec model (`layer_spec="te"`, see `te_keys`) or of the local spec (recorded in
+    `specbridge.json`)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -74,8 +87,8 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
         if collectives.world()[0] == 0:
             release.mkdir()
         collectives.barrier()
-        state = {**_sharded_state_dict(chunks), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-                 "args": megatron_args(config, model_kwargs or {})}
+        state = {**_sharded_state_dict(chunks, layer_spec), "checkpoint_version": CHECKPOINT_VERSION,
+                 "iteration": 0, "args": megatron_args(config, model_kwargs or {}, layer_spec)}
         with _writers_die_with_us():
             try:
                 dist_checkpointing.save(state, str(release))
@@ -83,12 +96,12 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
                 raise _write_failure(exc, release) or exc
         if collectives.world()[0] == 0:
             (staging / TRACKER).write_text(RELEASE)
-            (release / RUN_CONFIG).write_text(run_config(config, model_kwargs or {}))
+            (release / RUN_CONFIG).write_text(run_config(config, model_kwargs or {}, layer_spec))
             carried = _carry(Path(hf_dir), staging / HF_FILES) if hf_dir else []
             for name, text in (spec_files or {}).items():
                 (staging / SPEC_DIR / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / SPEC_DIR / name).write_text(text)
-            metadata = {**metadata, "hf_files": carried}
+            metadata = {**metadata, "hf_files": carried, "layer_spec": layer_spec}
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return Path(target)
 
@@ -170,11 +183,15 @@ _RENAMED = {"layernorm_epsilon": "norm_epsilon", "gated_linear_unit": "swiglu", 
 _PLAIN = (bool, int, float, str, type(None), torch.dtype)
 
 
-def megatron_args(config, model_kwargs: dict) -> argparse.Namespace:
+def megatron_args(config, model_kwargs: dict, layer_spec: str = "local") -> argparse.Namespace:
     """The `args` Megatron-LM stores in its checkpoints, for the model arguments it checks when loading
-    (`check_checkpoint_args`) or takes over (`--use-checkpoint-args`)."""
+    (`check_checkpoint_args`) or takes over (`--use-checkpoint-args`). Keys written for a TE layer spec say so
+    (`transformer_impl`) and ask for grouped experts (TEGroupedMLP, which Megatron-LM takes from the checkpoint)."""
     mla = _MLA if getattr(config, "multi_latent_attention", False) else ()
     values = {name: getattr(config, name, None) for name in (*_SAME_NAME, *_ROUTER, *mla)}
+    te = layer_spec == "te"
+    values.update(transformer_impl="transformer_engine" if te else "local",
+                  moe_grouped_gemm=bool(te and config.num_moe_experts) or bool(config.moe_grouped_gemm))
     values.update({new: getattr(config, old, None) for old, new in _RENAMED.items()})
     position = model_kwargs.get("position_embedding_type", "learned_absolute")
     values.update(
@@ -193,18 +210,18 @@ def megatron_args(config, model_kwargs: dict) -> argparse.Namespace:
     return argparse.Namespace(**plain)
 
 
-def run_config(config, model_kwargs: dict) -> str:
+def run_config(config, model_kwargs: dict, layer_spec: str = "local") -> str:
     """Megatron-Bridge's `run_config.yaml`: the `model` section (GPT provider fields) of this model."""
     import yaml
 
-    args = vars(megatron_args(config, model_kwargs))
+    args = vars(megatron_args(config, model_kwargs, layer_spec))
     model = {"_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider"}
     model.update({k: v for k, v in vars(config).items() if isinstance(v, (bool, int, float, str))
                   and not k.startswith("_")})
     model.update(vocab_size=args["padded_vocab_size"], seq_length=args["seq_length"],
                  position_embedding_type=args["position_embedding_type"], rotary_base=args["rotary_base"],
                  share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
-                 params_dtype=dtypes.short(config.params_dtype))
+                 params_dtype=dtypes.short(config.params_dtype), moe_grouped_gemm=args["moe_grouped_gemm"])
     return yaml.safe_dump({"model": model}, sort_keys=True)
 
 
@@ -361,14 +378,15 @@ def tensor_dtype(directory: str | Path) -> torch.dtype | None:
 
 
 def load(chunks, directory: str | Path) -> None:
-    """Fill `chunks` (built at any parallel layout) from the checkpoint, resharding as needed."""
+    """Fill `chunks` (built at any parallel layout) from the checkpoint, resharding as needed, whether it holds a
+    TE or a local layer spec's keys (`te_keys`)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
     dist_dir = dist_directory(directory)
-    vet(dist_dir)
+    present = set(vet(dist_dir).state_dict_metadata)
     try:
-        state = dist_checkpointing.load(_sharded_state_dict(chunks), str(dist_dir))
+        state = dist_checkpointing.load(_sharded_state_dict(chunks, present=present), str(dist_dir))
     except (CheckpointException, EOFError, AssertionError, AttributeError, KeyError, ValueError, TypeError,
             RuntimeError, OSError, pickle.UnpicklingError) as exc:
         raise ConversionError(f"the Megatron checkpoint '{dist_dir}' is damaged or does not fit the model: "
