@@ -67,6 +67,12 @@ def test_local_spec_user_model_tp2(tmp_path):
 
 
 def test_te_keys_need_a_gpt_model(tmp_path, parallel, capsys):
-    hf = save_tiny("gemma4", tmp_path / "hf")
+    hf = save_tiny("gemma4_dense", tmp_path / "hf")
     assert main(["import", str(hf), str(tmp_path / "mcore"), "--layer-spec", "te"]) == 2
     assert "no TransformerEngine layer spec" in capsys.readouterr().err and not (tmp_path / "mcore").exists()
+
+
+def test_te_keys_refused_for_multi_latent_attention(tmp_path, parallel, capsys):
+    hf = save_tiny("deepseek_v3", tmp_path / "hf")
+    assert main(["import", str(hf), str(tmp_path / "mcore"), "--layer-spec", "te"]) == 2
+    assert "multi-latent attention" in capsys.readouterr().err
