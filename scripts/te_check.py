@@ -27,8 +27,8 @@ def te_model(conv):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    config, model_args = conv.megatron_config(
-        params_dtype=torch.float32, extra_transformer={"use_cpu_initialization": False, "moe_grouped_gemm": True})
+    extra = {"use_cpu_initialization": False, **({"moe_grouped_gemm": True} if conv.plan.num_experts else {})}
+    config, model_args = conv.megatron_config(params_dtype=torch.float32, extra_transformer=extra)
     if config.num_moe_experts and isinstance(config.moe_layer_freq, list):
         spec = specs.get_gpt_decoder_block_spec(config, use_transformer_engine=True)
     else:

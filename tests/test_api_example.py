@@ -17,6 +17,19 @@ def readme_example(hf, out):
     return chunks
 
 
+def readme_own_model_example(conv, hf, out):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config, model_args = conv.megatron_config()
+    spec = get_gpt_layer_local_spec(config.num_moe_experts, qk_layernorm=config.qk_layernorm,
+                                    normalization=config.normalization)
+    model = GPTModel(config=config, transformer_layer_spec=spec, **model_args)
+    conv.import_weights([model], hf)
+    conv.export_weights([model], out, overwrite=True)
+    return model
+
+
 def test_readme_api_example(tmp_path, parallel):
     hf = save_tiny("qwen3", tmp_path / "hf_checkpoint")
     for _ in range(2):
@@ -24,3 +37,6 @@ def test_readme_api_example(tmp_path, parallel):
         assert compare_checkpoints(hf, tmp_path / "hf_out").exact
     qkv = dict(chunks[0].named_parameters())["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert qkv.shape == (2 * (2 * 24 + 24 + 24), 64) and torch.isfinite(qkv).all()
+    model = readme_own_model_example(Converter.from_pretrained(hf), hf, tmp_path / "hf_out_mine")
+    assert compare_checkpoints(hf, tmp_path / "hf_out_mine").exact
+    assert torch.equal(dict(model.named_parameters())["decoder.layers.0.self_attention.linear_qkv.weight"], qkv)
