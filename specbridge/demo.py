@@ -53,7 +53,7 @@ DEEPSEEK_V3 = dict(vocab_size=256, hidden_size=64, intermediate_size=56, num_hid
                                         mscale_all_dim=0.8, original_max_position_embeddings=32, beta_fast=32.0,
                                         beta_slow=1.0), tie_word_embeddings=False)
 # Gemma 3: window 4 < sequence, two full layers of 5 (linear-scaled RoPE on them), softcapped logits
-GEMMA3 = dict(vocab_size=251, hidden_size=48, intermediate_size=40, num_hidden_layers=5, num_attention_heads=4,
+GEMMA3 = dict(vocab_size=256, hidden_size=48, intermediate_size=40, num_hidden_layers=5, num_attention_heads=4,
               num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=20, sliding_window=4,
               layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
                            "full_attention"],

@@ -11,7 +11,8 @@ chunk of the sharded axis, or to one slice of a stacked tensor), the destination
 `DirectReader` runs the blocks on a small thread pool (reads release the GIL, so both cores fill pages), counts
 the bytes read into the `CheckpointReader` it serves (the multi-rank tests prove each rank reads only its share),
 and validates every header offset against the file size (a truncated or lying file is a `ConversionError`).
-Mappings it cannot place (arithmetic ops, a dtype change, a vocab-padded or below-TP layout) are left to the
+A fused HF tensor whose HF-side layout puts each part in a block of rows (Phi-3's `qkv_proj`) is placed part by
+part, each part's block of rows a source of its own. Mappings it cannot place (arithmetic ops, a dtype change, a vocab-padded or below-TP layout) are left to the
 general importer path: `plan_reads` answers None.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..compiler import ir
-from ..compiler.layouts import axis_position, bracket_position, factored_shape, infer_sizes
+from ..compiler.layouts import LayoutError, axis_position, bracket_position, factored_shape, infer_sizes, part_rows
 from ..errors import ConversionError
 
 BLOCK_BYTES = 32 << 20  # reads larger than this are cut so the pool's threads share a large tensor
@@ -102,8 +103,24 @@ class FillPlan:
 
 
 def _placeable(mapping: ir.Mapping) -> bool:
-    return all(isinstance(op, (ir.Fuse, ir.FillAbsent)) for op in mapping.hf_to_mcore) and \
-        all(op.policy in ("copy_of", "zeros") for op in mapping.hf_to_mcore if isinstance(op, ir.FillAbsent))
+    hf_layout = mapping.hf_layout
+    return all(isinstance(op, (ir.Fuse, ir.FillAbsent, ir.SplitSource)) for op in mapping.hf_to_mcore) and \
+        all(op.policy in ("copy_of", "zeros") for op in mapping.hf_to_mcore if isinstance(op, ir.FillAbsent)) and \
+        (hf_layout is None or hf_layout.dims[0][:1] == (ir.BRACKET,))
+
+
+def _row_blocks(mapping: ir.Mapping, source: ir.Source, file: str, entry: Entry):
+    """The parts of a fused HF tensor (an HF-side layout whose parts are blocks of rows) as entries of their own:
+    each part's rows are one contiguous stretch of the file. None when the shape does not fit the layout."""
+    shape = entry.shape[1:] if source.index is not None else entry.shape
+    try:
+        rows = part_rows(mapping.hf_layout, shape)
+    except LayoutError:
+        return None  # the general path reports the shape error
+    row_bytes = math.prod(shape[1:]) * entry.dtype.itemsize
+    start = entry.offset + (source.index * math.prod(shape) * entry.dtype.itemsize if source.index is not None else 0)
+    return {part: (ir.Source(part, source.key), file, Entry(entry.dtype, (b - a, *shape[1:]), start + a * row_bytes))
+            for part, (a, b) in rows.items()}
 
 
 def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, size: int) -> FillPlan | None:
@@ -120,6 +137,10 @@ def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, si
                                   f"(stacked) dim", key=s.key)
     if any(e.dtype != target.dtype or (s.index is not None and not e.shape) for s, _, e in sources.values()):
         return None
+    if mapping.hf_layout is not None:
+        sources = _row_blocks(mapping, *next(iter(sources.values())))
+        if sources is None:
+            return None
     fuse = next((op for op in mapping.hf_to_mcore if isinstance(op, ir.Fuse)), None)
     layout = fuse.layout if fuse is not None else None
     if layout is None:

@@ -70,19 +70,20 @@ def test_dtype_change_takes_the_general_path(checkpoints, monkeypatch, parallel)
     assert n_direct == kept_fp32 < n
 
 
-def test_fused_qkv_is_one_read_per_group_and_part(checkpoints):
-    conv = Converter.from_pretrained(checkpoints["llama"])
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # phi3: the parts are blocks of rows of one qkv_proj
+def test_fused_qkv_is_one_read_per_group_and_part(family, checkpoints):
+    conv = Converter.from_pretrained(checkpoints[family])
     chunks = conv.build_model()
     target = local_tensors(chunks)["decoder.layers.0.self_attention.linear_qkv.weight"]
     mapping = conv.plan.by_mcore()["decoder.layers.0.self_attention.linear_qkv.weight"]
-    with direct_read.DirectReader(_reader(checkpoints["llama"])) as direct:
+    with direct_read.DirectReader(_reader(checkpoints[family])) as direct:
         plan = direct_read.plan_reads(target, mapping, direct.entry, 0, 1)
     groups = conv.hf_config.num_key_value_heads
     assert len(plan.reads) == 3 * groups
     assert sum(r.nbytes for r in plan.reads) == target.numel() * target.element_size()
     assert sorted((r.into, r.into + r.nbytes) for r in plan.reads)[-1][1] == target.numel() * 4
     # at TP2, rank 1 reads the second half of the groups only
-    with direct_read.DirectReader(_reader(checkpoints["llama"])) as direct:
+    with direct_read.DirectReader(_reader(checkpoints[family])) as direct:
         half = target.view(2, -1)[1].view(-1, target.shape[1])
         plan = direct_read.plan_reads(half.clone(), mapping, direct.entry, 1, 2)
     assert len(plan.reads) == 3 * groups // 2
