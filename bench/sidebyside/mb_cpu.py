@@ -60,6 +60,9 @@ def patch_cuda() -> None:
     torch.cuda.current_stream = lambda device=None: stream
     torch.cuda.stream = lambda s=None: contextlib.nullcontext()
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # save_megatron_model's RNG record
+    torch.cuda.set_rng_state = lambda state, device="cuda": None
+    torch.cuda.empty_cache = lambda: None
     torch.Tensor.record_stream = lambda self, s: None
 
 

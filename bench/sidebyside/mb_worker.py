@@ -24,13 +24,16 @@ CPU_OFF = ("gradient_accumulation_fusion", "masked_softmax_fusion", "bias_activa
            "apply_rope_fusion", "persist_layer_norm", "sequence_parallel", "moe_permute_fusion", "moe_grouped_gemm")
 
 
-def _setup(tp):
+def _setup(tp, init=True):
     import torch
 
     import mb_cpu
 
     mb_cpu.install_te_placeholder()
-    mb_cpu.init(tp)
+    if init:
+        mb_cpu.init(tp)
+    else:  # export_ckpt initialises the process group itself
+        mb_cpu.patch_cuda()
     return torch
 
 
@@ -104,7 +107,7 @@ def import_ckpt(args):
 
 
 def export_ckpt(args):
-    _setup(args.tp)
+    _setup(args.tp, init=False)
     from megatron.bridge import AutoBridge
 
     bridge = AutoBridge.from_hf_pretrained(args.hf_dir)

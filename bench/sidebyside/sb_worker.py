@@ -60,7 +60,7 @@ def inproc(args):
 
     from specbridge.api import Converter
     from specbridge.runtime.parallel import init_parallel
-    from specbridge.runtime.placement import Ranks, local_tensors
+    from specbridge.runtime.placement import local_tensors
 
     init_parallel(tp=args.tp)
     imports_s = time.time() - T_START
@@ -68,7 +68,7 @@ def inproc(args):
     conv = phases.run("plan", Converter.from_pretrained, args.hf_dir)
     chunks = phases.run("build", conv.build_model, torch.bfloat16)
     reader = phases.run("import", conv.import_weights, chunks, args.hf_dir)
-    params = local_tensors(chunks, Ranks.current())
+    params = local_tensors(chunks)
     os.sync()
     phases.run("export", conv.export_weights, chunks, args.out)
 
