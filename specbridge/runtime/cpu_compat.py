@@ -14,6 +14,7 @@ Each `_patch_*` function documents its call site and why it is needed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import types
 from collections.abc import Callable
@@ -29,12 +30,42 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    for patch in _NO_TE_PATCHES:
-        patch()
-    if not torch.cuda.is_available():
-        for patch in _PATCHES:
+    cpu = not torch.cuda.is_available()
+    with _deferred_compile() if cpu else contextlib.nullcontext():  # the patches import megatron-core
+        for patch in _NO_TE_PATCHES:
             patch()
+        if cpu:
+            for patch in _PATCHES:
+                patch()
     _APPLIED = True
+
+
+@contextlib.contextmanager
+def _deferred_compile():
+    """megatron-core decorates its fused kernels with `torch.compile` when its modules are imported, which
+    imports torch._dynamo (over a second of every start-up) although a conversion never calls them. Meanwhile
+    `torch.compile` answers a wrapper that calls the real one, with the same arguments, on its first call."""
+    real = torch.compile
+
+    def deferred(model=None, **options):
+        if model is None:  # @torch.compile(...)
+            return lambda fn: deferred(fn, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    torch.compile = deferred
+    try:
+        yield
+    finally:
+        torch.compile = real
 
 
 def _module(name: str) -> types.ModuleType | None:

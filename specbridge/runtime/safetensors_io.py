@@ -173,13 +173,44 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+_WRITE_BLOCK = 32 << 20
+_pool = None
+
+
+def _writers():
+    """The threads that write blocks of a file in parallel (the copies into the page cache release the GIL)."""
+    global _pool
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="specbridge-write")
+    return _pool
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors file written straight from the tensors' memory (no serialised copy of the data)."""
-    with open(path, "wb") as f:
-        f.write(_header([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata))
+    """A safetensors file written straight from the tensors' memory (no serialised copy of the data): the header,
+    then every tensor's bytes at its offset, in blocks written by several threads at once."""
+    header = _header([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        blocks, offset = [(memoryview(header), 0)], len(header)
         for tensor in tensors.values():
-            if tensor.numel():
-                f.write(_raw(tensor))
+            raw = _raw(tensor) if tensor.numel() else memoryview(b"")
+            blocks += [(raw[i:i + _WRITE_BLOCK], offset + i) for i in range(0, len(raw), _WRITE_BLOCK)]
+            offset += len(raw)
+        os.ftruncate(fd, offset)
+        futures = [_writers().submit(_pwrite_all, fd, data, at) for data, at in blocks]
+        errors = [f.exception() for f in futures]  # every block finished (or failed) before the file is closed
+        if any(errors):
+            raise next(e for e in errors if e is not None)
+    finally:
+        os.close(fd)
 
 
 class _FileStack:
