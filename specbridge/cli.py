@@ -34,7 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEMO_FAMILIES = ("llama", "llama_tied", "qwen3", "qwen3_tied", "qwen3_moe", "qwen3_moe_unnormed", "qwen3_moe_mixed",
                  "qwen2", "mistral", "mixtral", "phi3", "gemma3", "gemma4_moe", "gemma4_dense", "gemma4_e2b",
-                 "gemma4_e4b", "gemma4_vlm", "gemma4_vlm_dense", "gemma4_e2b_vlm", "gemma4_e4b_vlm", "deepseek_v3", "deepseek_v3_q_proj")
+                 "gemma4_e4b", "gemma4_vlm", "gemma4_vlm_dense", "gemma4_e2b_vlm", "gemma4_e4b_vlm", "deepseek_v3",
+                 "deepseek_v3_q_proj")
 # (specbridge.demo.FAMILIES; tests/test_cli.py keeps the two equal)
 
 
