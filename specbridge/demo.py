@@ -82,8 +82,9 @@ FAMILIES = {
         **DEEPSEEK_V3, "q_lora_rank": None, "n_shared_experts": 2, "n_group": 1, "topk_group": 1,
         "num_hidden_layers": 2, "rope_parameters": dict(rope_type="default", rope_theta=500.0),
         "tie_word_embeddings": True}),
-    # Phi-3: head_dim from hidden_size / heads (no head_dim field), RoPE on 3/4 of each head
+    # Phi-3: head_dim from hidden_size / heads (no head_dim field), RoPE on 3/4 of each head, window 5 < sequence
     "phi3": ("Phi3ForCausalLM", {"head_dim": None, "intermediate_size": 88, "tie_word_embeddings": False,
+                                 "sliding_window": 5,
                                  "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
                                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                      "partial_rotary_factor": 0.75}}),

@@ -66,7 +66,6 @@ def test_llama_rope_scaling_parity(rope_type, tmp_path, parallel):
     ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                                   "short_factor": [1.0] * 6, "long_factor": [2.0] * 6},
               "original_max_position_embeddings": 4096}, "rope_type"),
-    ("phi3", {"sliding_window": 2047}, "sliding_window"),  # Phi-3-mini-4k's window
     ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
     ("gemma3", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
