@@ -63,6 +63,8 @@ def inproc(args):
     from specbridge.runtime.placement import local_tensors
 
     init_parallel(tp=args.tp)
+    from transformers import AutoConfig  # noqa: F401  (imported before the clock, as Megatron-Bridge's module does)
+
     imports_s = time.time() - T_START
     phases = Phases(dist.barrier if dist.get_world_size() > 1 else lambda: None)
     conv = phases.run("plan", Converter.from_pretrained, args.hf_dir)
