@@ -47,6 +47,20 @@ def test_llama_rope_scaling_parity(rope_type, tmp_path, parallel):
     assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0, result
 
 
+def test_mistral_sliding_window_parity(tmp_path, parallel):
+    """A window shorter than the sequence moves transformers' logits by far more than the tolerance, and the
+    converted model (megatron-core's window_size) matches them."""
+    windowed = tiny_model("mistral", sliding_window=5)
+    plain = tiny_model("mistral")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert (hf_logits(windowed, ids) - hf_logits(plain, ids)).abs().max() > 1e-2
+    windowed.save_pretrained(str(tmp_path))
+    assert Converter.from_pretrained(tmp_path).plan.transformer_kwargs()["window_size"] == [4, 0]
+    assert roundtrip(tmp_path).exact
+    result = parity(tmp_path, seq_len=24)
+    assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0, result
+
+
 @pytest.mark.parametrize("family, overrides, field", [
     ("llama", {"rope_parameters": {**ROPE["llama3"], "low_freq_factor": 2.0}}, "low_freq_factor"),
     ("llama", {"rope_parameters": {**ROPE["llama3"], "high_freq_factor": 8.0}}, "high_freq_factor"),
@@ -54,7 +68,6 @@ def test_llama_rope_scaling_parity(rope_type, tmp_path, parallel):
      "original_max_position_embeddings"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope_type"),
     ("qwen3", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}, "rope_type"),
-    ("mistral", {"sliding_window": 4096}, "sliding_window"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 8}, "use_sliding_window"),
     ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
     ("deepseek_v3", {"attention_bias": True}, "attention_bias"),
