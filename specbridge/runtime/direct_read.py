@@ -290,8 +290,16 @@ class DirectReader:
         if plan is None:
             return False
         buffer = memoryview(target.detach().reshape(-1).view(torch.uint8).numpy()) if target.numel() else None
-        jobs = [self._pool.submit(self._read, self._fd(r.file), r.file, r.offset + o, buffer[r.into + o: r.into + o + n])
-                for r in plan.reads for o, n in _pieces(r.nbytes)]
+        jobs, batch, batch_bytes = [], [], 0
+        for r in plan.reads:  # small reads (e.g. the rows of a column-split tensor) go in batches: one task each
+            for o, n in _pieces(r.nbytes):
+                batch.append((self._fd(r.file), r.file, r.offset + o, buffer[r.into + o: r.into + o + n]))
+                batch_bytes += n
+                if batch_bytes >= BLOCK_BYTES:
+                    jobs.append(self._pool.submit(self._read_all, batch))
+                    batch, batch_bytes = [], 0
+        if batch:
+            jobs.append(self._pool.submit(self._read_all, batch))
         self.reader.bytes_read += sum(r.nbytes for r in plan.reads)
         self._pending.append((mapping, jobs, plan.copies))
         return True
@@ -315,6 +323,10 @@ class DirectReader:
             except OSError as exc:
                 raise ConversionError(f"cannot read '{self.reader.directory / file}': {exc}") from None
         return self._fds[file]
+
+    def _read_all(self, reads) -> None:
+        for read in reads:
+            self._read(*read)
 
     def _read(self, fd: int, file: str, offset: int, view: memoryview) -> None:
         done = 0
