@@ -20,15 +20,22 @@ from .collectives import agree
 from .ops import cast, run_export
 from .parallel import Topology
 from .placement import local_tensors, owner, tp_of, writes
-from .tp import tp_concat
+from .tp import concat_on_dim0, tp_concat
 
 
-def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 0) -> list[torch.Tensor] | None:
-    """Every member's tensor, on one member only (the group's first by default; None elsewhere)."""
+def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 0,
+                    into: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+    """Every member's tensor, on one member only (the group's first by default; None elsewhere); with `into`
+    (on that member), gathered straight into its dim-0 chunks."""
     import torch.distributed as dist
 
     root = dist.get_global_rank(group, root_in_group)
-    shards = [torch.empty_like(local) for _ in range(size)] if dist.get_rank() == root else None
+    if dist.get_rank() != root:
+        shards = None
+    elif into is not None:
+        shards = list(into.chunk(size, dim=0))
+    else:
+        shards = [torch.empty_like(local) for _ in range(size)]
     dist.gather(local.contiguous(), shards, dst=root, group=group)
     return shards
 
@@ -39,6 +46,12 @@ def gather_tp(local: torch.Tensor, mapping: ir.Mapping, topology: Topology, voca
     rank, size = tp_of(topology, mapping)
     if size == 1 or mapping.shard.kind == "replicated":
         shards = [local] if rank == 0 else None
+    elif concat_on_dim0(mapping, size):  # gathered in place: no concatenation
+        full = local.new_empty((size * local.shape[0], *local.shape[1:])) if rank == 0 else None
+        group = parallel.tp_group(expert=mapping.expert is not None)
+        if _gather_to_root(local, group, size, into=full) is None:
+            return None
+        return full[:vocab_rows] if mapping.shard.kind == "vocab" and vocab_rows is not None else full
     else:
         shards = _gather_to_root(local, parallel.tp_group(expert=mapping.expert is not None), size)
     if shards is None:

@@ -77,6 +77,17 @@ def _chunk(tensor: torch.Tensor, dim: int, rank: int, size: int, mapping: ir.Map
     return tensor.chunk(size, dim=dim)[rank]
 
 
+def concat_on_dim0(mapping: ir.Mapping, size: int) -> bool:
+    """Whether `tp_concat` is a plain concatenation along dim 0 (each shard is then a contiguous block of the full
+    tensor, which a gather can fill in place; a vocab tensor is then cut back to the real vocabulary)."""
+    shard = mapping.shard
+    if shard.kind == "vocab":
+        return True
+    if shard.kind == "replicated" or size == 1:
+        return False
+    return shard.dim == 0 and (mapping.layout is None or shard.axis is None or below_tp(mapping, size))
+
+
 def tp_concat(shards: list[torch.Tensor], mapping: ir.Mapping, vocab_rows: int | None = None) -> torch.Tensor:
     """Inverse of `tp_slice`: the full tensor from every rank's shard, in rank order (a vocab tensor is cut back
     to `vocab_rows`, the real vocabulary, when given)."""
