@@ -204,12 +204,19 @@ def _narrow_chunk(view: torch.Tensor, dim: int, rank: int, size: int) -> torch.T
     return view.narrow(dim, rank * chunk, chunk)
 
 
+SMALL_BLOCK_BYTES, MANY_BLOCKS = 16 << 10, 64
+
+
 def _plan_parts(target, parts, copies) -> FillPlan | None:
     base = target.storage_offset()
     reads = []
     for file, entry, src, dst in parts:
         if src is None or tuple(src.shape) != tuple(dst.shape):
             return None
+        shape = tuple(src.shape)
+        k = len(shape) - min(_contiguous_tail(shape, src.stride()), _contiguous_tail(shape, dst.stride()))
+        if math.prod(shape[:k]) > MANY_BLOCKS and math.prod(shape[k:]) * entry.dtype.itemsize < SMALL_BLOCK_BYTES:
+            return None  # e.g. the rows of a column-split expert: one strided copy beats a read per row
         reads += _blocks(file, entry, src, dst, base)
     return FillPlan(tuple(_coalesce(reads)), copies)
 
