@@ -19,6 +19,8 @@ import dataclasses
 import functools
 import json
 import shutil
+import types
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -30,7 +32,9 @@ from .errors import ConversionError, SpecError, UsageError
 from .inputs import builtin_specs, hf_config_file, spec_path
 from .runtime import adapter_io, collectives, dtypes, exporter, importer, lora, manifests
 from .runtime.lora import LoraSettings
+from .runtime.dist_tensors import DistTensors
 from .runtime.parallel import Topology, current_topology
+from .runtime.placement import checkpoint_share
 from .runtime.build import build_chunks
 from .runtime.safetensors_io import CheckpointReader, CheckpointWriter, finalize
 
@@ -204,19 +208,27 @@ class Converter:
     def export_weights(self, chunks, out_dir, dtype: torch.dtype | None = None, check_absent: bool = True,
                        max_shard_bytes: int = 2 << 30, overwrite: bool = False, progress=None, carry=(),
                        inputs=(), wrap_sink=None) -> Path:
-        """Write an HF checkpoint (safetensors + config.json, and copies of the `carry` files), from all ranks at
+        """Write an HF checkpoint (safetensors + config.json, and copies of the `carry` files) from the model
+        `chunks`, or from a Megatron checkpoint's tensors read directly (`mcore_checkpoint.open_tensors`; every
+        rank writes the tensors of its `share`). From all ranks at
         once when distributed: each writing rank writes its own shard files, rank 0 the index and config; all
         into one staging directory that becomes `out_dir` only when every rank succeeded. Tensors keep the
         model's dtype unless `dtype` is given (a config's `dtype` never changes them). `overwrite` replaces an
         earlier output of specbridge, never the `inputs` (see `collectives.check_output`). `wrap_sink(writer)`
         may wrap the shard writer (the adapter merge does)."""
-        topology = current_topology()
-        dtype = dtype or chunks[0].config.params_dtype
+        plan = self.expanded_plan()
+        if isinstance(chunks, DistTensors):  # every rank reads what it writes: no model, no collective
+            topology = Topology(*collectives.world())
+            dtype = dtype or chunks.dtype
+            chunks = chunks.only(checkpoint_share(exporter.export_groups(plan), chunks.nbytes, *collectives.world()))
+        else:
+            topology = current_topology()
+            dtype = dtype or chunks[0].config.params_dtype
         with collectives.staged_output(out_dir, overwrite, inputs) as staging:
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{topology.rank:05d}")
             sink = wrap_sink(writer) if wrap_sink is not None else writer
-            exporter.export_weights(chunks, self.expanded_plan(), sink, topology, hf_dtype=dtype,
-                                    check_absent=check_absent, progress=progress)
+            exporter.export_weights(chunks, plan, sink, topology, hf_dtype=dtype, check_absent=check_absent,
+                                    progress=progress)
             maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
             if topology.rank == 0:
                 weight_map = {k: f for m, _ in maps for k, f in m.items()}
@@ -343,7 +355,10 @@ def _as_source(written, source, defaults, aliases=None):
 def write_hf_config(conv: Converter, chunks, directory: Path, dtype) -> None:
     """config.json: the source's as written, with only what the conversion changed (the fields written back from
     the Megatron config, the dtype of the tensors)."""
-    config = hf_config_from_mcore(conv, chunks[0].config)
+    # a checkpoint read directly was written from a model of this plan: the plan's Megatron config is its own
+    megatron = types.SimpleNamespace(**conv.plan.transformer_kwargs()) if isinstance(chunks, Mapping) else \
+        chunks[0].config
+    config = hf_config_from_mcore(conv, megatron)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
     if conv.source_config is not None:

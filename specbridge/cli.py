@@ -355,45 +355,65 @@ def cmd_export(args) -> int:
 
     from .api import Converter, hf_config_from_dict
     from .errors import UsageError
-    from .runtime import collectives, dtypes, mcore_checkpoint
-    from .runtime.lora import LoraSettings
+    from .runtime import collectives, dtypes, mcore_checkpoint, parallel
 
     if args.adapter_only and args.merge:
         raise UsageError("--adapter-only and --merge exclude each other")
     collectives.check_output(args.out, args.overwrite, inputs=[args.mcore_dir])  # before any work
     wanted = dtypes.parse_choice(args.dtype)
-    _init(args)
+    parallel.init_world(args.tp, args.pp, args.ep, args.etp, args.vpp)
     meta = mcore_checkpoint.read_metadata(args.mcore_dir)
+    adapter = meta.get("adapter")
+    if (args.adapter_only or args.merge) and not adapter:
+        raise UsageError(f"the Megatron checkpoint '{args.mcore_dir}' holds no LoRA adapter")
     spec = mcore_checkpoint.recorded_spec(args.mcore_dir, meta, args.spec)
     conv = Converter.from_config(hf_config_from_dict(meta["hf_config"]), spec, meta["architecture"],
                                  args.format or meta["format"])
     conv = dataclasses.replace(conv, source_config=meta["hf_config"])
+    update, close = _progress(len(conv.plan.mappings), "export")
+    export = dict(dtype=wanted, check_absent=args.absent == "check", overwrite=args.overwrite, progress=update,
+                  carry=mcore_checkpoint.carried_files(args.mcore_dir, meta), inputs=[args.mcore_dir])
+    tensors = None if adapter else mcore_checkpoint.read_tensors(args.mcore_dir, meta, conv.expanded_plan())
+    if tensors is not None:  # read straight from the checkpoint's files: no model is built
+        with tensors:
+            conv.export_weights(tensors, args.out, **export)
+        stored = tensors.dtype
+    else:
+        stored = _export_through_model(args, conv, meta, export)
+        if stored is None:
+            return 0
+    close()
+    if wanted is not None and wanted != stored:
+        _say(f"export: cast every tensor {dtypes.short(stored)} -> {dtypes.short(wanted)}")
+    merged = " with the LoRA adapter merged" if args.merge else ""
+    _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}'{merged})")
+    return 0
+
+
+def _export_through_model(args, conv, meta, export):
+    """Export by loading the checkpoint into a model at the flags' layout: a checkpoint with a LoRA adapter, or
+    one that records no tensor shapes (earlier versions). The parameters' dtype; None when only the adapter was
+    written."""
+    from .runtime import dtypes, mcore_checkpoint
+    from .runtime.lora import LoraSettings
+
+    _init(args)
     params_dtype = dtypes.CHOICES.get(meta.get("dtype")) or mcore_checkpoint.tensor_dtype(args.mcore_dir)
     chunks = conv.build_model(params_dtype=params_dtype, padded_vocab=meta.get("padded_vocab_size",
                                                                                conv.plan.model_kwargs().get("vocab_size")))
     adapter = meta.get("adapter")
-    if (args.adapter_only or args.merge) and not adapter:
-        raise UsageError(f"the Megatron checkpoint '{args.mcore_dir}' holds no LoRA adapter")
     settings = conv.restore_adapter(chunks, LoraSettings.from_json(adapter)) if adapter else None
     mcore_checkpoint.load(chunks, args.mcore_dir)
-    check_absent = args.absent == "check"
     if args.adapter_only:
-        conv.export_adapter(chunks, args.out, settings, check_absent, args.overwrite, adapter.get("base_model"))
+        conv.export_adapter(chunks, args.out, settings, export["check_absent"], args.overwrite,
+                            adapter.get("base_model"))
         _say(f"export: {args.mcore_dir} -> {args.out} (PEFT LoRA adapter)")
-        return 0
-    update, close = _progress(len(conv.plan.mappings), "export")
-    export = dict(dtype=wanted, check_absent=check_absent, overwrite=args.overwrite, progress=update,
-                  carry=mcore_checkpoint.carried_files(args.mcore_dir, meta), inputs=[args.mcore_dir])
+        return None
     if args.merge:
         conv.export_merged(chunks, args.out, settings, **export)
     else:
         conv.export_weights(chunks, args.out, **export)
-    close()
-    if wanted is not None and wanted != chunks[0].config.params_dtype:
-        _say(f"export: cast every tensor {dtypes.short(chunks[0].config.params_dtype)} -> {dtypes.short(wanted)}")
-    merged = " with the LoRA adapter merged" if args.merge else ""
-    _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}'{merged})")
-    return 0
+    return chunks[0].config.params_dtype
 
 
 def cmd_roundtrip(args) -> int:

@@ -91,3 +91,16 @@ def test_explain_builds_no_model(tiny_config, tmp_path):
                "decoder.layers.0.self_attention.linear_qkv.weight", cwd=tmp_path)
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["code"] == 0 and "megatron.core" not in result["heavy"], done.stderr
+
+
+def test_export_builds_no_model(tmp_path):
+    """`export` reads the checkpoint's tensors itself: megatron-core is never imported."""
+    from tests.support import save_tiny
+
+    hf, mcore = save_tiny("llama", tmp_path / "hf"), tmp_path / "mcore"
+    assert run("-m", "specbridge", "import", str(hf), str(mcore)).returncode == 0
+    probe = PROBE.replace("{m.split('.')[0] for m in sys.modules}", "set(sys.modules)").replace(
+        repr(HEAVY), repr(("torch", "megatron.core", "transformers")))
+    done = run("-c", probe, "export", str(mcore), str(tmp_path / "back"), cwd=tmp_path)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["code"] == 0 and "megatron.core" not in result["heavy"], done.stderr

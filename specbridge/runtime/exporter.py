@@ -10,6 +10,7 @@ writer; slices of fused expert tensors are written in place as they arrive. Erro
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import torch
 
@@ -75,7 +76,8 @@ def export_groups(plan: ir.Plan):
 
 def export_weights(chunks, plan: ir.Plan, sink, topology: Topology = Topology(), hf_dtype: torch.dtype | None = None,
                    check_absent: bool = True, progress=None) -> int:
-    """Convert every mapping whose Megatron tensor lives on this rank; on its designated rank each HF tensor goes to
+    """Convert every mapping whose Megatron tensor lives on this rank (`chunks`: the model chunks, or a mapping
+    of global names to tensors, e.g. a checkpoint's read directly); on its designated rank each HF tensor goes to
     `sink.add(key, tensor, owned)`, each slice of a stacked HF tensor to `sink.add_slice(key, index, length,
     tensor)` (a `CheckpointWriter`). Errors are agreed on by all ranks at the end (no rank is left waiting in a
     gather). Returns the number of HF tensors this rank completed."""
@@ -91,7 +93,8 @@ def export_steps(chunks, plan: ir.Plan, sink, topology: Topology = Topology(), h
                  check_absent: bool = True, progress=None):
     """`export_weights` as a generator: yields once after each group has been handed to the sink (so a caller
     can drain the sink in between); every rank must run it to the end. Returns the count `export_weights` does."""
-    tensors = local_tensors(chunks)
+    params = {} if isinstance(chunks, Mapping) else local_tensors(chunks)  # the model's own memory
+    tensors = chunks if isinstance(chunks, Mapping) else params
     vocab_rows = plan.model_kwargs().get("vocab_size")
     lengths = dict(plan.stacks)
     emitted, error = 0, None
@@ -101,7 +104,8 @@ def export_steps(chunks, plan: ir.Plan, sink, topology: Topology = Topology(), h
                 if error is not None or not writes(topology, mapping):
                     continue
                 try:
-                    emitted += _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent)
+                    emitted += _emit(mapping, full, tensors, params.get(mapping.mcore), lengths, sink, hf_dtype,
+                                     check_absent)
                 except ConversionError as exc:
                     error = exc.located(rank=topology.rank)
         if progress is not None:
@@ -130,10 +134,11 @@ def _gathered(group: list[ir.Mapping], tensors: dict, topology: Topology, vocab_
             yield group[ep_rank * len(local) + j], piece
 
 
-def _emit(mapping, full, tensors, lengths, sink, hf_dtype, check_absent) -> int:
-    """Run the derived program on one full Megatron tensor and hand its HF tensors to the sink."""
+def _emit(mapping, full, tensors, local, lengths, sink, hf_dtype, check_absent) -> int:
+    """Run the derived program on one full Megatron tensor and hand its HF tensors to the sink; `local` is the
+    model's parameter (None for an expert gathered from another EP rank, or a tensor read from a checkpoint): an
+    HF tensor sharing its memory is not owned by the sink."""
     parts = run_export(mapping, full, read=lambda k: tensors[k], hf_dtype=hf_dtype, check_absent=check_absent)
-    local = tensors.get(mapping.mcore)  # None for an expert gathered from another EP rank
     count = 0
     for source in mapping.sources:
         tensor = cast(parts[source.part], hf_dtype) if hf_dtype is not None else parts[source.part]

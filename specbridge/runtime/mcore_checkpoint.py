@@ -14,7 +14,10 @@
     OUT/hf/                                 HF files carried over to the export (generation config, tokenizer,
                                             chat template)
 
-`load` reads this layout and the bare one of earlier versions (the distributed checkpoint at the top). A checkpoint
+`specbridge.json` also records every checkpoint key's global shape, so that `read_tensors` can read the tensors
+directly (`dist_tensors`: no model, no megatron-core); `load` fills a model instead (a LoRA checkpoint, one of an
+earlier version). Both read this layout and the bare one of earlier versions (the distributed checkpoint at the
+top). A checkpoint
 is untrusted input: paths come only from fixed names inside it (never from its contents), its pickles (`.metadata`,
 `common.pt`, the byte items of `*.distcp`) are vetted by restricted unpicklers before megatron-core's loader, which
 unpickles them without restriction, ever sees them, and a damaged checkpoint is one `ConversionError`.
@@ -35,6 +38,7 @@ import torch
 
 from ..errors import ConversionError, UsageError
 from . import collectives, dtypes, te_keys
+from .dist_tensors import DistTensors, key_shapes
 from .safetensors_io import shard_path
 
 METADATA = "specbridge.json"
@@ -101,7 +105,8 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
             for name, text in (spec_files or {}).items():
                 (staging / SPEC_DIR / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / SPEC_DIR / name).write_text(text)
-            metadata = {**metadata, "hf_files": carried, "layer_spec": layer_spec}
+            metadata = {**metadata, "hf_files": carried, "layer_spec": layer_spec,
+                        "tensor_shapes": key_shapes(_vet_metadata(release / ".metadata"))}
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return Path(target)
 
@@ -295,6 +300,10 @@ def read_metadata(directory: str | Path) -> dict:
         meta = {**meta, "spec": {"name": meta.get("spec_name"), "digest": meta.get("digest"), "builtin": True}}
     _check_fields(path, meta, {"spec": dict, "architecture": str, "format": str, "hf_config": dict})
     _check_fields(path, meta["spec"], {"name": str, "digest": str})
+    shapes = meta.get("tensor_shapes", {})
+    if not isinstance(shapes, dict) or not all(isinstance(k, str) and isinstance(v, list) and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v) for k, v in shapes.items()):
+        raise ConversionError(f"'{path}' is damaged: 'tensor_shapes' must map checkpoint keys to shapes")
     files = meta.setdefault("hf_files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) and f in CARRIED for f in files):
         raise ConversionError(f"'{path}' is damaged: 'hf_files' must list carried HF files ({', '.join(CARRIED)})")
@@ -375,6 +384,23 @@ def tensor_dtype(directory: str | Path) -> torch.dtype | None:
         if isinstance(dtype, torch.dtype) and dtype.is_floating_point and all(isinstance(n, int) for n in size):
             counts[dtype] = counts.get(dtype, 0) + math.prod(size)
     return max(counts, key=counts.get) if counts else None
+
+
+def read_tensors(directory: str | Path, meta: dict, plan) -> DistTensors | None:
+    """The checkpoint's tensors by spec name, read directly (no model, no megatron-core), every tensor of the plan
+    checked to be there with the shape recorded at import; None for a checkpoint that records no shapes (written
+    by an earlier version: `load` it into a model)."""
+    if "tensor_shapes" not in meta:
+        return None
+    dist_dir = dist_directory(directory)
+    tensors = DistTensors(dist_dir, vet(dist_dir), meta["tensor_shapes"])
+    missing = [m for m in plan.mappings if m.mcore not in tensors]
+    if missing:
+        tensors.__exit__(None, None, None)
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"the Megatron checkpoint '{directory}' lacks '{missing[0].mcore}'{more}",
+                              key=missing[0].mcore, rule=missing[0].span)
+    return tensors
 
 
 def load(chunks, directory: str | Path) -> None:

@@ -105,6 +105,17 @@ def checkpoint_names(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
+def stacked_axes(key: str) -> int:
+    """How many axes megatron-core prepends to the tensors of checkpoint key `key`: the layer of a stacked decoder
+    key (`decoder.layers.X`), and the expert of an experts key (`…mlp.experts.experts.X`); none otherwise."""
+    if not key.startswith(LAYERS):
+        return 0
+    head, _, tail = key[len(LAYERS):].partition(".")
+    rest = tail if head.isdigit() else key[len(LAYERS):]
+    experts = rest.startswith(EXPERTS) and not rest[len(EXPERTS):].partition(".")[0].isdigit()
+    return (0 if head.isdigit() else 1) + experts
+
+
 def spec_name(key: str, offsets: tuple[int, ...]) -> str:
     """The spec's name of checkpoint key `key` at prepended offsets: (layer[, expert]) for a stacked key
     `decoder.layers.X`, (expert,) or none for a per-layer key `decoder.layers.{i}.X` (megatron-core keys layers

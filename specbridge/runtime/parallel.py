@@ -125,6 +125,14 @@ def _seed(seed: int) -> None:
     mcore_random.model_parallel_cuda_manual_seed(seed)
 
 
+def init_world(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, vpp: int | None = None) -> None:
+    """Initialise torch.distributed only (what reading a checkpoint's tensors directly needs: megatron-core is not
+    touched); the parallel sizes are checked against the world all the same."""
+    launched = dist.is_initialized() or launched_by_torchrun()
+    _init_process_group()
+    check_sizes(dist.get_world_size(), tp, pp, ep, etp, vpp, launched=launched)
+
+
 def init_parallel(
     tp: int = 1,
     pp: int = 1,

@@ -3,6 +3,7 @@
 `tp_of` is the tensor parallel group that splits a mapping's tensor (the expert-TP group for experts).
 `writes` picks the one rank that writes each HF tensor: `owner` spreads the writing of replicated tensors over
 data-parallel replicas and of expert groups over EP ranks. `local_tensors` names this rank's tensors globally.
+`checkpoint_share` splits an export from a checkpoint, where every rank can read every tensor, by bytes.
 """
 
 from __future__ import annotations
@@ -48,3 +49,17 @@ def local_tensors(chunks: Iterable[torch.nn.Module]) -> dict[str, torch.Tensor]:
         for local, tensor in named_tensors(chunk).items():
             out[names.get(local, local)] = tensor  # unnamed: reported by the importer as unfilled
     return out
+
+
+def checkpoint_share(groups: Iterable[list[ir.Mapping]], nbytes, rank: int, size: int) -> set[str]:
+    """The Megatron names rank `rank` of `size` exports when every rank reads what it writes (from a checkpoint):
+    whole export groups, the largest first, each to the least loaded rank (`nbytes(name)`: a tensor's size; every
+    rank computes the same split)."""
+    groups = [(sum(nbytes(m.mcore) for m in group), [m.mcore for m in group]) for group in groups]
+    load, mine = [0] * size, set()
+    for total, names in sorted(groups, key=lambda g: -g[0]):
+        least = min(range(size), key=load.__getitem__)
+        load[least] += total
+        if least == rank:
+            mine.update(names)
+    return mine

@@ -53,6 +53,11 @@ CASES = [
     ("metadata_truncated", "export", "truncate:release/.metadata", "refusing"),
     ("common_pt_runs_code", "export", "evil_common", "refusing"),
     ("byte_item_runs_code", "export", "evil_byte_item", "refusing item"),
+    ("tensor_item_runs_code", "export", "evil_tensor_item", "is not part of a saved tensor"),
+    ("tensor_item_wrong_shape", "export", "tensor_item_swapped", "not a stored tensor of the expected"),
+    ("tensor_shape_not_recorded", "export", "meta_shape:embedding.word_embeddings.weight", "shape [256, 64], not the [258, 64]"),
+    ("tensor_shapes_garbage", "export", "meta_shapes_garbage", "'tensor_shapes' must map checkpoint keys"),
+    ("recorded_key_missing", "export", "meta_shape:decoder.no_such.weight", "lacks tensor 'decoder.no_such"),
     ("storage_path_leaves", "export", "storage_path:../outside.distcp", "not a plain file name"),
     ("storage_entry_malformed", "export", "storage_offset", "a storage entry is not (file, offset, length)"),
     ("distcp_truncated", "export", "truncate:release/__0_0.distcp", "damaged"),
@@ -311,6 +316,53 @@ def _evil_byte_item(src, work, out, arg):
     _rewrite_metadata(src, change)
 
 
+def _tensor_items(metadata):
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return [i for i in metadata.storage_data if isinstance(metadata.state_dict_metadata.get(i.fqn),
+                                                          TensorStorageMetadata)]
+
+
+def _evil_tensor_item(src, work, out, arg):
+    """A tensor chunk whose blob is a torch.save of an object that runs code when unpickled."""
+    buffer = io.BytesIO()
+    torch.save(_CreatesFile(work / "pwned"), buffer)
+    shard = src / "release" / "__0_0.distcp"
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(buffer.getvalue())
+
+    def change(metadata):
+        index = _tensor_items(metadata)[0]
+        metadata.storage_data[index] = type(metadata.storage_data[index])(shard.name, offset, len(buffer.getvalue()))
+
+    _rewrite_metadata(src, change)
+
+
+def _tensor_item_swapped(src, work, out, arg):
+    """Two tensor chunks of different shapes point at each other's bytes."""
+    def change(metadata):
+        items = _tensor_items(metadata)
+        a = items[0]
+        b = next(i for i in items if metadata.state_dict_metadata[i.fqn].size != metadata.state_dict_metadata[a.fqn].size)
+        metadata.storage_data[a], metadata.storage_data[b] = metadata.storage_data[b], metadata.storage_data[a]
+
+    _rewrite_metadata(src, change)
+
+
+def _meta_shape(src, work, out, arg):
+    meta = _meta(src)
+    shape = meta["tensor_shapes"].get(arg, [128, 64])
+    meta["tensor_shapes"][arg] = [shape[0] + 2, *shape[1:]]
+    _write_meta(src, meta)
+
+
+def _meta_shapes_garbage(src, work, out, arg):
+    meta = _meta(src)
+    meta["tensor_shapes"] = {"embedding.word_embeddings.weight": "large"}
+    _write_meta(src, meta)
+
+
 def _storage_path(src, work, out, arg):
     shutil.copy(src / "release" / "__0_0.distcp", work / "outside.distcp")
 
@@ -429,7 +481,8 @@ def _empty_dir(src, work, out, arg):
     src.mkdir()
 
 
-_MCORE = {"evil_metadata": _evil_metadata, "truncate": _truncate, "remove": _remove, "evil_common": _evil_common,
+_MCORE = {"evil_tensor_item": _evil_tensor_item, "tensor_item_swapped": _tensor_item_swapped, "meta_shape": _meta_shape,
+          "meta_shapes_garbage": _meta_shapes_garbage, "evil_metadata": _evil_metadata, "truncate": _truncate, "remove": _remove, "evil_common": _evil_common,
           "evil_byte_item": _evil_byte_item, "storage_path": _storage_path, "storage_offset": _storage_offset,
           "hf_symlink": _hf_symlink, "tracker": _tracker,
           "release_symlink": _release_symlink, "meta_garbage": _meta_garbage, "meta_list": _meta_list,
