@@ -1,6 +1,4 @@
-import sys
-
-from specbridge.cli import main
+from specbridge.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -82,13 +82,46 @@ def read_config_json(source: str | Path) -> dict:
 def hf_config_from_dict(config: dict):
     """transformers' config object for a config.json dict (its `model_type` picks the class)."""
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
 
+    AutoConfig = _auto_config()
     try:
         return AutoConfig.for_model(**config)
     except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
         raise UsageError(f"the HF config (model_type {config.get('model_type')!r}) does not load: "
                          f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+
+
+def _auto_config():
+    """transformers' `AutoConfig`, imported without scanning transformers' models directory twice: `import
+    transformers` scans it (every model's files, for the names they export: ~0.6 s here) for its lazy module, and
+    importing `transformers.models` scans it again for its own, because the scan's cache (128 entries) is smaller
+    than the ~560 folders. The second scan's answer is the first one's without its `models.` prefix (transformers'
+    own, still cached), so it is given that while `transformers.models` is imported; anything unexpected (another
+    transformers version) takes the plain import."""
+    import sys
+
+    import transformers
+
+    if "transformers.models" not in sys.modules:
+        from transformers.utils import import_utils
+
+        scan, models = getattr(import_utils, "define_import_structure", None), Path(transformers.__file__).parent / "models"
+        if callable(scan) and hasattr(scan, "cache_info"):
+            def known(module_path, prefix=None):
+                if prefix is not None or Path(module_path) != models / "__init__.py":
+                    return scan(module_path, prefix)
+                return {backends: {name.removeprefix("models."): set(objects) for name, objects in modules.items()
+                                   if name.startswith("models.")}
+                        for backends, modules in scan(models, prefix="models").items()}
+
+            import_utils.define_import_structure = known
+            try:
+                import transformers.models  # noqa: F401 - its lazy module, built from the answer above
+            finally:
+                import_utils.define_import_structure = scan
+    from transformers import AutoConfig
+
+    return AutoConfig
 
 
 def portable_config(hf_config) -> dict:

@@ -22,6 +22,7 @@ installed", its internal deprecations) are silenced unless `--verbose`.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -125,6 +126,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run() -> None:
+    """The `specbridge` program (console script and `python -m specbridge`): `main` in a process of its own, so
+    Python's cyclic garbage collector may stay off while the libraries load (their ~300k objects made it traverse
+    the heap again and again: 0.5-1 s of a command) and skip them when the interpreter exits (1-2 s more): see
+    `_libraries_loaded`. `main` itself, called in a process that goes on, leaves the collector alone."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+    gc.disable()
+    try:
+        code = main()
+    finally:
+        gc.freeze()  # the process ends: its objects need no traversal, only the exit
+    sys.exit(code)
+
+
+_OWN_PROCESS = False
+
+
+def _libraries_loaded() -> None:
+    """The heavy libraries are imported (torch, megatron-core): what they allocated lives as long as the process,
+    so it is moved out of the collector's generations, which collect the command's own garbage from here on."""
+    if _OWN_PROCESS:
+        gc.freeze()
+        gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_dependencies(args.verbose)
@@ -199,8 +226,10 @@ def _check_inputs(args) -> None:
 def _init(args):
     from .runtime.parallel import init_parallel
 
-    return init_parallel(tp=getattr(args, "tp", 1), pp=getattr(args, "pp", 1), ep=getattr(args, "ep", 1),
-                         etp=getattr(args, "etp", None), vpp=getattr(args, "vpp", None))
+    topology = init_parallel(tp=getattr(args, "tp", 1), pp=getattr(args, "pp", 1), ep=getattr(args, "ep", 1),
+                             etp=getattr(args, "etp", None), vpp=getattr(args, "vpp", None))
+    _libraries_loaded()
+    return topology
 
 
 def _is_rank0() -> bool:
@@ -450,4 +479,4 @@ COMMANDS = {"check": cmd_check, "explain": cmd_explain, "compile": cmd_compile, 
             "export": cmd_export, "roundtrip": cmd_roundtrip, "parity": cmd_parity, "demo": cmd_demo}
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

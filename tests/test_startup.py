@@ -104,3 +104,48 @@ def test_export_builds_no_model(tmp_path):
     done = run("-c", probe, "export", str(mcore), str(tmp_path / "back"), cwd=tmp_path)
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["code"] == 0 and "megatron.core" not in result["heavy"], done.stderr
+
+
+LAZY_MODELS = """
+import json, sys
+if sys.argv[1] == "specbridge":
+    from specbridge.api import _auto_config
+    _auto_config()
+else:
+    from transformers import AutoConfig
+from transformers.utils import import_utils
+models = sys.modules["transformers.models"]
+print(json.dumps({"all": sorted(models.__all__), "modules": sorted(models._modules),
+                  "classes": sorted(models._class_to_module.items()),
+                  "missing": sorted((k, sorted(map(str, v))) for k, v in models._object_missing_backend.items()),
+                  "scanned": import_utils.create_import_structure_from_path.cache_info().misses}))
+"""
+
+
+def test_transformers_models_scanned_once_and_its_own():
+    """The config loader imports `transformers.models` without transformers' second scan of its models directory,
+    and the lazy module it gets is the one transformers builds itself (every name, module and backend)."""
+    ours, theirs = (json.loads(run("-c", LAZY_MODELS, who).stdout) for who in ("specbridge", "transformers"))
+    scanned = ours.pop("scanned"), theirs.pop("scanned")
+    assert ours == theirs and ours["classes"]
+    assert 2 * scanned[0] <= scanned[1] + 2, scanned  # one scan of the folders instead of two
+
+
+def test_the_program_runs_with_the_collector_settled(tiny_config):
+    """`python -m specbridge` (the console script's `run`): the collector is off while the libraries load and back
+    on for the command's own garbage once they are in."""
+    probe = """
+import gc, sys
+from specbridge import cli
+seen = []
+loaded = cli._libraries_loaded
+cli._libraries_loaded = lambda: (seen.append(gc.isenabled()), loaded(), seen.append(gc.isenabled()))
+sys.argv = ["specbridge", *sys.argv[1:]]
+try:
+    cli.run()
+finally:
+    print(seen, gc.get_freeze_count() > 100000, file=sys.stderr)
+"""
+    done = run("-c", probe, "check", "llama", "--config", str(tiny_config / "config.json"))
+    assert done.returncode == 0 and "coverage proved" in done.stdout, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "[False, True] True", done.stderr

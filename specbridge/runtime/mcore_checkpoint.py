@@ -26,11 +26,12 @@ unpickles them without restriction, ever sees them, and a damaged checkpoint is 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import io
 import json
 import os
 import pickle
+import queue
 import shutil
 from pathlib import Path
 
@@ -93,11 +94,13 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
         collectives.barrier()
         state = {**_sharded_state_dict(chunks, layer_spec), "checkpoint_version": CHECKPOINT_VERSION,
                  "iteration": 0, "args": megatron_args(config, model_kwargs or {}, layer_spec)}
-        with _writers_die_with_us():
-            try:
-                dist_checkpointing.save(state, str(release))
-            except (RuntimeError, CheckpointException) as exc:
-                raise _write_failure(exc, release) or exc
+        _local_results_queue()
+        try:
+            request = dist_checkpointing.save(state, str(release), async_sharded_save=True,
+                                              **_own_async_request(dist_checkpointing.save))
+            _written_by_threads(request).execute_sync()
+        except (RuntimeError, CheckpointException) as exc:
+            raise _write_failure(exc, release) or exc
         if collectives.world()[0] == 0:
             (staging / TRACKER).write_text(RELEASE)
             (release / RUN_CONFIG).write_text(run_config(config, model_kwargs or {}, layer_spec))
@@ -230,50 +233,49 @@ def run_config(config, model_kwargs: dict, layer_spec: str = "local") -> str:
     return yaml.safe_dump({"model": model}, sort_keys=True)
 
 
-_ACTIVE = False  # forked children die with this process while a save runs
-_HOOKED = False
+def _own_async_request(save) -> dict:
+    """megatron-core >= 0.19 hands an async save to nvidia-resiliency-ext unless told to make its own request."""
+    import inspect
+
+    return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(save).parameters else {}
 
 
-@contextlib.contextmanager
-def _writers_die_with_us():
-    """megatron-core's writer forks worker processes: make them die when this process dies (a kill mid-save must
-    leave no orphan holding the model's memory), and keep its results queue in this process (no spawned manager
-    process, which nothing would stop)."""
-    global _ACTIVE
-    _install_fork_hook()
-    _local_results_queue()
-    _ACTIVE = True
-    try:
-        yield
-    finally:
-        _ACTIVE = False  # forked children die with this process while a save runs
-_HOOKED = False
+def _written_by_threads(request):
+    """megatron-core's save as an async request whose writing runs on threads of this process: megatron-core 0.16
+    forks a writer process per file (each fork copies the page tables of a process holding the whole model, and a
+    kill mid-save would leave orphans); 0.19 writes on threads itself. Both fsync every file, which only waits for
+    the disk: the checkpoint is usable once it is renamed into place, the staging directory of a killed run is never
+    taken for a checkpoint, and specbridge's other outputs are not fsynced either."""
+    if request.async_fn is None or request.async_fn.args[1:2] != (False,):  # nothing to write here / object storage
+        return request
+    return request._replace(async_fn=functools.partial(_write_buckets, request.async_fn.args[0]))
 
 
-def _install_fork_hook() -> None:
-    global _HOOKED
-    if _HOOKED or not hasattr(os, "register_at_fork"):
-        return
-    parent = os.getpid()
+def _write_buckets(transforms, _rank, buckets, results) -> None:
+    """Write each bucket (one file) on its own thread with megatron-core's own per-file writer (file writes release
+    the GIL); its results, or the first failure, go where megatron-core's finalisation collects them."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def die_with_parent():
-        if not _ACTIVE:
-            return
-        import ctypes
-        import signal
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-        if os.getppid() != parent:  # the parent died before the signal was armed
-            os._exit(1)
-
-    os.register_at_fork(after_in_child=die_with_parent)
-    _HOOKED = True
+    done, counts = queue.Queue(), queue.Queue()
+    for index in range(len(buckets)):
+        counts.put(index)
+    with ThreadPoolExecutor(len(buckets)) as pool:
+        list(pool.map(lambda job: FileSystemWriterAsync.write_preloaded_data(
+            transforms, job[0], job[1], done, counts, use_fsync=False), enumerate(buckets)))
+    outcome: dict | Exception = {}
+    while not done.empty():
+        index, written = done.get()
+        if isinstance(written, Exception):
+            outcome = written
+            break
+        outcome[index] = written
+    results.put(outcome)
 
 
 def _local_results_queue() -> None:
-    import queue
-
+    """megatron-core would spawn a manager process for the queue of write results; this process's own suffices."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", "absent") is None:

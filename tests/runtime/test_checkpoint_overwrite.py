@@ -83,7 +83,7 @@ BLOCKING_RUN = """
 import sys, time
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-def blocked(*args, **kwargs):  # runs in megatron-core's forked writer process
+def blocked(*args, **kwargs):  # runs on a writer thread of the import
     open(sys.argv[1], "w").close()
     time.sleep(3600)
 
@@ -119,7 +119,7 @@ def test_kill_mid_save_leaves_no_orphan_and_the_old_output(hf, tmp_path, paralle
                            stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: flag.exists() or run.poll() is not None), "the writer never started"
-        assert run.poll() is None  # blocked inside the writer (a forked process, or a thread in megatron-core 0.19)
+        assert run.poll() is None  # blocked inside the writer (a thread of the import process)
         os.kill(run.pid, signal.SIGKILL)
         run.wait()
         assert wait_for(lambda: not alive_in_session(run.pid), 60), alive_in_session(run.pid)
