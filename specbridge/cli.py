@@ -399,6 +399,7 @@ def cmd_export(args) -> int:
     conv = Converter.from_config(hf_config_from_dict(meta["hf_config"]), spec, meta["architecture"],
                                  args.format or meta["format"])
     conv = dataclasses.replace(conv, source_config=meta["hf_config"])
+    _libraries_loaded()
     update, close = _progress(len(conv.plan.mappings), "export")
     export = dict(dtype=wanted, check_absent=args.absent == "check", overwrite=args.overwrite, progress=update,
                   carry=mcore_checkpoint.carried_files(args.mcore_dir, meta), inputs=[args.mcore_dir])
