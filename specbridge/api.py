@@ -30,7 +30,7 @@ from .compiler import adapters, ir
 from .compiler.invert import invert_config
 from .errors import ConversionError, SpecError, UsageError
 from .inputs import builtin_specs, hf_config_file, spec_path
-from .runtime import adapter_io, collectives, dtypes, exporter, importer, lora, manifests
+from .runtime import adapter_io, collectives, direct_write, dtypes, exporter, importer, lora, manifests
 from .runtime.lora import LoraSettings
 from .runtime.dist_tensors import DistTensors
 from .runtime.parallel import Topology, current_topology
@@ -243,13 +243,16 @@ class Converter:
                        inputs=(), wrap_sink=None) -> Path:
         """Write an HF checkpoint (safetensors + config.json, and copies of the `carry` files) from the model
         `chunks`, or from a Megatron checkpoint's tensors read directly (`mcore_checkpoint.open_tensors`; every
-        rank writes the tensors of its `share`). From all ranks at
-        once when distributed: each writing rank writes its own shard files, rank 0 the index and config; all
+        rank writes the tensors of its `share`). From all ranks at once when distributed: from a model, each rank
+        writes its own slices of the tensors that only need placing straight into shared shard files
+        (`direct_write`), the rest is gathered to one writing rank per tensor, which writes shard files of its
+        own; rank 0 writes the index and config; all
         into one staging directory that becomes `out_dir` only when every rank succeeded. Tensors keep the
         model's dtype unless `dtype` is given (a config's `dtype` never changes them). `overwrite` replaces an
         earlier output of specbridge, never the `inputs` (see `collectives.check_output`). `wrap_sink(writer)`
         may wrap the shard writer (the adapter merge does)."""
         plan = self.expanded_plan()
+        in_place = wrap_sink is None and not isinstance(chunks, DistTensors)  # from a model: slices written in place
         if isinstance(chunks, DistTensors):  # every rank reads what it writes: no model, no collective
             topology = Topology(*collectives.world())
             dtype = dtype or chunks.dtype
@@ -258,11 +261,15 @@ class Converter:
             topology = current_topology()
             dtype = dtype or chunks[0].config.params_dtype
         with collectives.staged_output(out_dir, overwrite, inputs) as staging:
+            placed = {}, 0
+            if in_place and topology.world_size > 1:
+                plan, *placed = direct_write.export_placed(chunks, plan, staging, topology, dtype, max_shard_bytes,
+                                                           check_absent, progress)
             writer = CheckpointWriter(staging, max_shard_bytes, shard_prefix=f"rank{topology.rank:05d}")
             sink = wrap_sink(writer) if wrap_sink is not None else writer
             exporter.export_weights(chunks, plan, sink, topology, hf_dtype=dtype, check_absent=check_absent,
                                     progress=progress)
-            maps = collectives.gather_objects((writer.finish(), writer.total_bytes))
+            maps = collectives.gather_objects((writer.finish(), writer.total_bytes)) + [tuple(placed)]
             if topology.rank == 0:
                 weight_map = {k: f for m, _ in maps for k, f in m.items()}
                 finalize(staging, weight_map, sum(total for _, total in maps))

@@ -33,6 +33,7 @@ from ..compiler.layouts import LayoutError, axis_position, bracket_position, fac
 from ..errors import ConversionError
 
 BLOCK_BYTES = 32 << 20  # reads larger than this are cut so the pool's threads share a large tensor
+SMALL_BLOCK_BYTES, MANY_BLOCKS = 16 << 10, 64  # more blocks than this, each smaller: one strided copy instead
 MAX_HEADER_BYTES = 100 << 20
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -123,9 +124,12 @@ def _row_blocks(mapping: ir.Mapping, source: ir.Source, file: str, entry: Entry)
             for part, (a, b) in rows.items()}
 
 
-def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, size: int) -> FillPlan | None:
+def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, size: int,
+               small_block_bytes: int = SMALL_BLOCK_BYTES) -> FillPlan | None:
     """The reads that fill `target` (this rank's tensor of `mapping`) straight from the files, or None when the
-    mapping needs the general path. `entries(key)` -> (file, Entry)."""
+    mapping needs the general path (or would take more than `MANY_BLOCKS` blocks under `small_block_bytes` each).
+    `entries(key)` -> (file, Entry). Read backwards, the same blocks are where a multi-rank export writes
+    `target`'s bytes (`direct_write`)."""
     shard = mapping.shard
     sharded = size > 1 and shard.kind != "replicated"
     if not _placeable(mapping) or not target.is_contiguous() or sharded and shard.kind != "axis":
@@ -150,11 +154,11 @@ def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, si
         src = _source_view(entry, source.index, None, None)
         if sharded:
             src = _narrow_chunk(src, shard.dim, rank, size)
-        return _plan_parts(target, [(file, entry, src, target)], ())
-    return _plan_fused(target, mapping, layout, sources, rank, size if sharded else 1)
+        return _plan_parts(target, [(file, entry, src, target)], (), small_block_bytes)
+    return _plan_fused(target, mapping, layout, sources, rank, size if sharded else 1, small_block_bytes)
 
 
-def _plan_fused(target, mapping, layout, sources, rank, size) -> FillPlan | None:
+def _plan_fused(target, mapping, layout, sources, rank, size, small_block_bytes) -> FillPlan | None:
     axis = mapping.shard.axis if size > 1 else None
     if size > 1 and (axis is None or layout.size(axis) is not None and layout.size(axis) < size):
         return None  # below TP: megatron-core cuts through the groups (general path)
@@ -186,7 +190,7 @@ def _plan_fused(target, mapping, layout, sources, rank, size) -> FillPlan | None
         reads.append((file, entry, src, place(part)))
     copies = tuple((place(op.part), place(op.source_part) if op.policy == "copy_of" else None)
                    for op in mapping.hf_to_mcore if isinstance(op, ir.FillAbsent))
-    return _plan_parts(target, reads, copies)
+    return _plan_parts(target, reads, copies, small_block_bytes)
 
 
 def _source_view(entry: Entry, index: int | None, layout, factored) -> torch.Tensor:
@@ -204,10 +208,7 @@ def _narrow_chunk(view: torch.Tensor, dim: int, rank: int, size: int) -> torch.T
     return view.narrow(dim, rank * chunk, chunk)
 
 
-SMALL_BLOCK_BYTES, MANY_BLOCKS = 16 << 10, 64
-
-
-def _plan_parts(target, parts, copies) -> FillPlan | None:
+def _plan_parts(target, parts, copies, small_block_bytes) -> FillPlan | None:
     base = target.storage_offset()
     reads = []
     for file, entry, src, dst in parts:
@@ -215,7 +216,7 @@ def _plan_parts(target, parts, copies) -> FillPlan | None:
             return None
         shape = tuple(src.shape)
         k = len(shape) - min(_contiguous_tail(shape, src.stride()), _contiguous_tail(shape, dst.stride()))
-        if math.prod(shape[:k]) > MANY_BLOCKS and math.prod(shape[k:]) * entry.dtype.itemsize < SMALL_BLOCK_BYTES:
+        if math.prod(shape[:k]) > MANY_BLOCKS and math.prod(shape[k:]) * entry.dtype.itemsize < small_block_bytes:
             return None  # e.g. the rows of a column-split expert: one strided copy beats a read per row
         reads += _blocks(file, entry, src, dst, base)
     return FillPlan(tuple(_coalesce(reads)), copies)

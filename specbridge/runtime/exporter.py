@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,18 @@ from .placement import local_tensors, owner, tp_of, writes
 from .tp import concat_on_dim0, tp_concat
 
 
+@dataclass
+class Traffic:
+    """What this process's exports moved, for the tests: bytes it sent into another rank's gather, and bytes it
+    wrote in place from its own tensors (`direct_write`)."""
+
+    gathered_bytes: int = 0
+    placed_bytes: int = 0
+
+
+stats = Traffic()
+
+
 def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 0,
                     into: torch.Tensor | None = None) -> list[torch.Tensor] | None:
     """Every member's tensor, on one member only (the group's first by default; None elsewhere); with `into`
@@ -33,6 +46,7 @@ def _gather_to_root(local: torch.Tensor, group, size: int, root_in_group: int = 
     root = dist.get_global_rank(group, root_in_group)
     if dist.get_rank() != root:
         shards = None
+        stats.gathered_bytes += local.numel() * local.element_size()
     elif into is not None:
         shards = list(into.chunk(size, dim=0))
     else:
@@ -68,9 +82,14 @@ def gather_ep(tensors: list[torch.Tensor], topology: Topology, root: int = 0) ->
     return None if blocks is None else [t for block in blocks for t in block.unbind(0)]
 
 
+def group_key(mapping: ir.Mapping):
+    """The export group of a mapping: the experts of one (layer, rule) are one group, every other tensor its own."""
+    return mapping.layer, mapping.rule, mapping.expert is None and mapping.mcore
+
+
 def export_groups(plan: ir.Plan):
     """The plan's mappings in order, the experts of one (layer, rule) together."""
-    for _, group in itertools.groupby(plan.mappings, key=lambda m: (m.layer, m.rule, m.expert is None and m.mcore)):
+    for _, group in itertools.groupby(plan.mappings, key=group_key):
         yield list(group)
 
 

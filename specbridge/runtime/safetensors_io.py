@@ -169,6 +169,17 @@ def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: d
     return len(encoded).to_bytes(8, "little") + encoded
 
 
+def layout_file(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, int], int]:
+    """(header, key -> absolute byte offset of its data, file size) of a safetensors file holding these tensors in
+    this order: what lets several processes write one file's tensors in place."""
+    header = _header(entries, {"format": "pt"})
+    offsets, at = {}, len(header)
+    for key, dtype, shape in entries:
+        offsets[key] = at
+        at += math.prod(shape) * dtype.itemsize
+    return header, offsets, at
+
+
 def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 

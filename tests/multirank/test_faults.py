@@ -158,3 +158,22 @@ def test_size_mistake_under_torchrun(tmp_path):
     result, stderr = torchrun_logged(2, ["-m", "specbridge", "roundtrip", str(hf), "--pp", "4"], tmp_path / "logs")
     assert_ended_cleanly(result, stderr, "specbridge roundtrip: error: 2 processes do not split into tensor x "
                                          "pipeline parallel groups of --tp 1 x --pp 4 = 4")
+
+
+# ---------------------------------------------------------------- a fault found while ranks write in place
+
+
+def test_diverged_absent_part_written_in_place_fails_on_every_rank(tmp_path):
+    """Two data-parallel ranks export in place (`direct_write`); the one that writes layer 2's QKV finds its V no
+    longer equal to K: every rank raises it (the other rank naming the failed one) and no output is left."""
+    hf = save_tiny("gemma4_dense", tmp_path / "hf")
+    out = tmp_path / "run"
+    out.mkdir()
+    result = torchrun(2, [str(Path(__file__).with_name("absent_worker.py")), str(hf), str(out)], timeout=HANG_GUARD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [json.loads((out / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    for error in errors:
+        assert re.search(r"part 'v' of 'decoder\.layers\.2\.self_attention\.linear_qkv\.weight' in layer 2 .*"
+                         r"max \|difference\| 0\.25", error or ""), errors
+    assert sum("failed on rank" in e for e in errors) == 1, errors
+    _no_output(out / "hf")

@@ -6,7 +6,8 @@
   proves that a checkpoint written at TP2xPP2 exports at TP1 to the same HF checkpoint);
 - the logits (through megatron-core's pipeline schedule) equal the single-rank logits;
 - the distributed export is bit-identical to the single-rank export (and to the source checkpoint);
-- each rank reads exactly the bytes of the tensors it owns.
+- each rank reads exactly the bytes of the tensors it owns;
+- the export writes each rank's slices in place, gathering nothing but the tensors it cannot place (below).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ STAGE_LAYERS = {"pp2_odd_layers": [[0, 1, 2], [3, 4]], "pp2_uneven": [[0], [1, 2
 # Layers whose query groups are fewer than TP ranks are split evenly through the group (megatron-core's rule), so
 # those ranks read their group's whole Q/K parts; everywhere else a rank reads exactly the bytes it holds.
 READS_WHOLE_GROUPS = {"gemma4_tp2", "gemma4_vlm_tp2"}
+# A multi-rank export gathers only what its ranks cannot write in place (`direct_write`): here the QKV of layers
+# whose query groups are fewer than TP ranks (megatron-core cuts through the group); every other case gathers nothing.
+GATHERS = READS_WHOLE_GROUPS
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -146,3 +150,5 @@ def test_parallel_layout_matches_single_rank(case, checkpoints, tmp_path, parall
     for report in reports:
         ceiling = 1.2 if case in READS_WHOLE_GROUPS else 1.0
         assert 0.9 * report["local_bytes"] <= report["bytes_read"] <= ceiling * report["local_bytes"], report
+    placed, gathered = (sum(r[k] for r in reports) for k in ("placed_bytes", "gathered_bytes"))
+    assert placed > 0 and (gathered > 0) == (case in GATHERS), (placed, gathered)

@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from specbridge.api import Converter
-    from specbridge.runtime import mcore_checkpoint
+    from specbridge.runtime import exporter, mcore_checkpoint
     from specbridge.runtime.models import sample_inputs
     from specbridge.runtime.parallel import init_parallel
     from specbridge.runtime.placement import local_tensors
@@ -50,7 +50,8 @@ def main() -> None:
                                                    "padded_vocab_size": chunks[0].vocab_size})
     report = {"rank": topology.rank, "bytes_read": reader.bytes_read, "local_bytes": owned,
               "local_layers": sorted({int(n.split(".")[2]) for n in local if n.startswith("decoder.layers.")}),
-              "local_experts": sorted({int(n.split(".")[6]) for n in local if ".local_experts." in n})}
+              "local_experts": sorted({int(n.split(".")[6]) for n in local if ".local_experts." in n}),
+              "gathered_bytes": exporter.stats.gathered_bytes, "placed_bytes": exporter.stats.placed_bytes}
     (out / f"rank{topology.rank}.json").write_text(json.dumps(report))
 
 

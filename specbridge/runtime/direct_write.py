@@ -1,0 +1,259 @@
+"""Direct writes: in a multi-rank export each rank writes its own slices of the HF tensors straight into shared,
+pre-laid-out safetensors files. Nothing is gathered.
+
+The inverse of `direct_read`: for a mapping whose program only places parts (the mappings `plan_reads` places:
+`Fuse`, plain copies, absent parts; no arithmetic, no dtype change), `plan_reads` against the HF tensor's place in
+its file says where every byte of this rank's local tensor lies there, cut into contiguous blocks; each block is
+one `os.pwrite` from the parameter's own memory. A vocab-split plain copy (embedding, output layer) is one block
+per rank, its padding rows left out. Absent parts are checked on each rank's own slice.
+
+The layout comes first, the same on every rank: each rank describes the HF tensors of the placeable mappings it
+holds (their shapes from the derived program run on a meta tensor of the global Megatron shape); the descriptions
+(metadata only) are all-gathered; every rank then lays the files out from them alike: the placed HF tensors in
+plan order, packed into shards of at most `max_shard_bytes`. A mapping is placed only when every rank holding it
+can place it, every HF tensor it writes is placed whole (a stacked experts tensor: all of its experts) and so is
+the rest of its export group; everything else is left to the exporter's gather path. One rank writes each file's
+header and sets its size; then every rank writes its blocks: a TP-split tensor's slices each by its own rank, a
+replicated tensor by one rank (spread over the TP ranks by name), one data-parallel replica's copy only. Errors
+are agreed on by all ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import zlib
+
+import torch
+
+from ..compiler import ir
+from ..compiler.layouts import LayoutError
+from ..errors import ConversionError
+from . import dtypes
+from .collectives import agree, gather_objects
+from .direct_read import Entry, Read, _placeable, plan_reads
+from .exporter import group_key, stats
+from .ops import _check_absent, run_export
+from .parallel import Topology
+from .placement import local_tensors, owner, tp_of
+from .safetensors_io import _pwrite_all, _writers, layout_file
+
+PREFIX = "direct"
+SMALL_BLOCK_BYTES = 2 << 10  # many blocks smaller than this (a column-split tensor's rows): gathered instead
+_BATCH_BYTES = 32 << 20
+_PLACING = (ir.Split, ir.SplitSource, ir.CheckAbsent)  # the export ops that only cut a tensor into parts
+
+
+def export_placed(chunks, plan: ir.Plan, staging, topology: Topology, hf_dtype: torch.dtype | None,
+                  max_shard_bytes: int, check_absent: bool = True, progress=None):
+    """Write every placeable mapping's HF tensors into `staging` from the ranks that hold them. Returns (the plan
+    of the mappings left to the gather path, weight map of the placed keys, their total bytes)."""
+    tensors = local_tensors(chunks)
+    vocab_rows = plan.model_kwargs().get("vocab_size")
+    lengths = dict(plan.stacks)
+    described = {i: _describe(m, tensors[m.mcore].detach(), topology, hf_dtype, vocab_rows, lengths)
+                 for i, m in enumerate(plan.mappings) if m.mcore in tensors}
+    placed, shapes = _agreed(plan, gather_objects(described))
+    weight_map, offsets, files, total = _layout(plan, placed, shapes, max_shard_bytes)
+    error = None
+    try:
+        for n, (name, header, size) in enumerate(files):
+            if n % topology.world_size == topology.rank:
+                _create(staging / name, header, size)
+    except OSError as exc:
+        error = ConversionError(f"cannot write '{staging}': {exc}", rank=topology.rank)
+    agree(error)  # every header is written (and every file sized) before any rank writes data
+    try:
+        written = _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets, shapes, vocab_rows,
+                                check_absent)
+        stats.placed_bytes += written
+    except ConversionError as exc:
+        error = exc.located(rank=topology.rank)
+    except OSError as exc:
+        error = ConversionError(f"cannot write '{staging}': {exc}", rank=topology.rank)
+    agree(error)
+    if progress is not None and placed:
+        progress(len(placed))
+    rest = dataclasses.replace(plan, mappings=tuple(m for i, m in enumerate(plan.mappings) if i not in placed))
+    return rest, weight_map, total
+
+
+def _describe(mapping: ir.Mapping, tensor: torch.Tensor, topology: Topology, hf_dtype, vocab_rows, lengths):
+    """{HF key: (dtype name, shape)} of this rank's tensor of `mapping` when its bytes can be placed (None
+    otherwise): the shapes the derived program gives for the global Megatron tensor."""
+    if hf_dtype is not None and tensor.dtype != hf_dtype or not tensor.is_contiguous() \
+            or tensor.dtype not in dtypes.NAMES:
+        return None
+    rank, size = tp_of(topology, mapping)
+    name = dtypes.NAMES[tensor.dtype]
+    if mapping.shard.kind == "vocab":
+        if mapping.hf_to_mcore or mapping.mcore_to_hf or len(mapping.sources) != 1 or mapping.sources[0].index is not None \
+                or vocab_rows is None or not tensor.dim() or not 0 < vocab_rows <= tensor.shape[0] * size:
+            return None
+        return {mapping.sources[0].key: (name, (vocab_rows, *tensor.shape[1:]))}
+    if not _placeable(mapping) or not all(isinstance(op, _PLACING) for op in mapping.mcore_to_hf):
+        return None
+    shape = list(tensor.shape)
+    if size > 1 and mapping.shard.kind == "axis":
+        shape[mapping.shard.dim] *= size
+    try:
+        parts = run_export(mapping, torch.empty(shape, dtype=tensor.dtype, device="meta"), check_absent=False)
+        out = {}
+        for s in mapping.sources:
+            part = tuple(parts[s.part].shape)
+            out[s.key] = (name, (lengths[s.key], *part) if s.index is not None else part)
+    except (ConversionError, LayoutError, KeyError, RuntimeError, ValueError):
+        return None  # the gather path reports what is wrong
+    entries = {k: Entry(tensor.dtype, shp, 0) for k, (_, shp) in out.items()}
+    try:
+        found = plan_reads(tensor, mapping, lambda k: (k, entries[k]), rank, size, SMALL_BLOCK_BYTES)
+    except ConversionError:
+        return None
+    return out if found is not None else None
+
+
+def _agreed(plan: ir.Plan, described: list[dict]):
+    """(indices of the mappings placed, HF key -> (dtype name, shape)): the same on every rank."""
+    shapes, refused = {}, set()
+    for per_rank in described:
+        for i, found in per_rank.items():
+            if found is None:
+                refused.add(i)
+                continue
+            for key, value in found.items():
+                if shapes.setdefault(key, value) != value:
+                    refused.add(i)
+    held = {i for per_rank in described for i in per_rank}
+    placed = held - refused
+    groups = [[i for i, _ in g] for _, g in itertools.groupby(enumerate(plan.mappings),
+                                                                 key=lambda item: group_key(item[1]))]
+    writers_of: dict[str, set[int]] = {}
+    for i, m in enumerate(plan.mappings):
+        for s in m.sources:
+            writers_of.setdefault(s.key, set()).add(i)
+    while True:  # a key is placed whole or not at all, and so is each export group
+        dropped = {i for i in placed for s in plan.mappings[i].sources if not writers_of[s.key] <= placed}
+        dropped |= {i for g in groups if not set(g) <= placed for i in g if i in placed}
+        if not dropped:
+            break
+        placed -= dropped
+    keys = {s.key for i in placed for s in plan.mappings[i].sources}
+    return placed, {k: v for k, v in shapes.items() if k in keys}
+
+
+def _layout(plan: ir.Plan, placed: set[int], shapes: dict, max_shard_bytes: int):
+    """(weight map, key -> absolute offset, [(file, header, size)], total bytes) of the placed keys, in plan order."""
+    order = list(dict.fromkeys(s.key for i, m in enumerate(plan.mappings) if i in placed for s in m.sources))
+    files, current, current_bytes = [], [], 0
+    for key in order:
+        dtype = dtypes.SAFETENSORS[shapes[key][0]]
+        nbytes = math.prod(shapes[key][1]) * dtype.itemsize
+        if current and current_bytes + nbytes > max_shard_bytes:
+            files.append(current)
+            current, current_bytes = [], 0
+        current.append((key, dtype, tuple(shapes[key][1])))
+        current_bytes += nbytes
+    if current:
+        files.append(current)
+    weight_map, offsets, laid_out, total = {}, {}, [], 0
+    for n, entries in enumerate(files):
+        name = f"{PREFIX}-part{n:05d}.safetensors"
+        header, at, size = layout_file(entries)
+        laid_out.append((name, header, size))
+        offsets.update(at)
+        weight_map.update({key: name for key, _, _ in entries})
+        total += size - len(header)
+    return weight_map, offsets, laid_out, total
+
+
+def _create(path, header: bytes, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _pwrite_all(fd, memoryview(header), 0)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _writes(topology: Topology, mapping: ir.Mapping, sharded: bool) -> bool:
+    """This rank writes its tensor of `mapping`: one data-parallel replica (expert-data-parallel for experts), and
+    of a tensor not split by TP, one TP rank chosen by name."""
+    rank, size = tp_of(topology, mapping)
+    if mapping.expert is not None:
+        replica = topology.expert_dp_rank == 0
+    else:
+        replica = topology.dp_rank == owner(mapping, topology.dp_size)
+    return replica and (sharded or rank == zlib.crc32(mapping.mcore.encode()) % size)
+
+
+def _blocks(mapping, tensor, topology, entries, vocab_rows, check_absent) -> tuple[Read, ...]:
+    """This rank's blocks of `mapping` (its absent parts checked on its own slice first)."""
+    rank, size = tp_of(topology, mapping)
+    if mapping.shard.kind == "vocab":
+        file, entry = entries(mapping.sources[0].key)
+        rows = tensor.shape[0]
+        row_bytes = math.prod(tensor.shape[1:]) * tensor.element_size()
+        count = max(0, min(rows, vocab_rows - rank * rows))
+        return (Read(file, entry.offset + rank * rows * row_bytes, 0, count * row_bytes),)
+    plan = plan_reads(tensor, mapping, entries, rank, size, SMALL_BLOCK_BYTES)
+    if plan is None:
+        raise ConversionError("the direct write plan changed between layout and write", key=mapping.mcore)
+    if check_absent:
+        checks = [op for op in mapping.mcore_to_hf if isinstance(op, ir.CheckAbsent)]
+        for op in checks:
+            fill = next(i for i, f in enumerate(o for o in mapping.hf_to_mcore if isinstance(o, ir.FillAbsent))
+                        if f.part == op.part)
+            dst, src = plan.copies[fill]
+            _check_absent(op, {op.part: dst, op.source_part: src if src is not None else dst}, mapping)
+    return plan.reads
+
+
+def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets, shapes, vocab_rows,
+                  check_absent) -> int:
+    """pwrite this rank's blocks of every placed mapping it writes; the bytes written."""
+
+    def entries(key):
+        return weight_map[key], Entry(dtypes.SAFETENSORS[shapes[key][0]], tuple(shapes[key][1]), offsets[key])
+
+    fds, jobs, batch, batch_bytes, written = {}, [], [], 0, 0
+    try:
+        for i in sorted(placed):
+            mapping = plan.mappings[i]
+            if mapping.mcore not in tensors:
+                continue
+            rank, size = tp_of(topology, mapping)
+            if not _writes(topology, mapping, size > 1 and mapping.shard.kind != "replicated"):
+                continue
+            tensor = tensors[mapping.mcore].detach()
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else None
+            for r in _blocks(mapping, tensor, topology, entries, vocab_rows, check_absent):
+                if r.nbytes == 0:
+                    continue
+                if r.file not in fds:
+                    fds[r.file] = os.open(staging / r.file, os.O_WRONLY)
+                for start in range(0, r.nbytes, _BATCH_BYTES):  # a large block shared by the threads
+                    n = min(_BATCH_BYTES, r.nbytes - start)
+                    batch.append((fds[r.file], buffer[r.into + start:r.into + start + n], r.offset + start))
+                    batch_bytes += n
+                    if batch_bytes >= _BATCH_BYTES:
+                        jobs.append(_writers().submit(_write_all, batch))
+                        batch, batch_bytes = [], 0
+                written += r.nbytes
+        if batch:
+            jobs.append(_writers().submit(_write_all, batch))
+        errors = [job.exception() for job in jobs]  # every write finished (or failed) before the files close
+        if any(errors):
+            raise next(e for e in errors if e is not None)
+    finally:
+        for job in jobs:
+            job.exception()
+        for fd in fds.values():
+            os.close(fd)
+    return written
+
+
+def _write_all(batch) -> None:
+    for fd, data, offset in batch:
+        _pwrite_all(fd, data, offset)
