@@ -111,18 +111,20 @@ def floor(args):
         return shards
 
     def read_pread():  # one read() per tensor straight into a freshly allocated tensor, one thread
-        total = 0
+        total, kept = 0, []  # kept, as parameters are: a dropped tensor's memory would be reused, already faulted in
         for name in files:
             path = os.path.join(args.hf_dir, name)
             with open(path, "rb", buffering=0) as f:
                 for key, entry in read_header(path).items():
                     tensor = torch.empty(entry.shape, dtype=entry.dtype)
+                    kept.append(tensor)
                     if tensor.numel():
                         f.seek(entry.offset)
                         total += f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-        return total
+        return total, kept
 
-    nbytes = phases.run("read_pread", read_pread)
+    nbytes, kept = phases.run("read_pread", read_pread)
+    del kept
     shards = phases.run("read_mmap", read_mmap)
     os.makedirs(args.out, exist_ok=True)
     os.sync()

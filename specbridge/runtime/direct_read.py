@@ -12,8 +12,9 @@ chunk of the sharded axis, or to one slice of a stacked tensor), the destination
 the bytes read into the `CheckpointReader` it serves (the multi-rank tests prove each rank reads only its share),
 and validates every header offset against the file size (a truncated or lying file is a `ConversionError`).
 A fused HF tensor whose HF-side layout puts each part in a block of rows (Phi-3's `qkv_proj`) is placed part by
-part, each part's block of rows a source of its own. Mappings it cannot place (arithmetic ops, a dtype change, a vocab-padded or below-TP layout) are left to the
-general importer path: `plan_reads` answers None.
+part, each part's block of rows a source of its own. A vocab shard reads the real rows it holds and zeroes its rows
+of padding. Mappings it cannot place (arithmetic ops, a dtype change, a below-TP layout) are left to the general
+importer path: `plan_reads` answers None.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ import torch
 from ..compiler import ir
 from ..compiler.layouts import LayoutError, axis_position, bracket_position, factored_shape, infer_sizes, part_rows
 from ..errors import ConversionError
+from . import tp
+from .dtypes import SAFETENSORS as _DTYPES
 
 BLOCK_BYTES = 32 << 20  # reads larger than this are cut so the pool's threads share a large tensor
 SMALL_BLOCK_BYTES, MANY_BLOCKS = 16 << 10, 64  # more blocks than this, each smaller: one strided copy instead
 MAX_HEADER_BYTES = 100 << 20
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +132,7 @@ def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, si
     `target`'s bytes (`direct_write`)."""
     shard = mapping.shard
     sharded = size > 1 and shard.kind != "replicated"
-    if not _placeable(mapping) or not target.is_contiguous() or sharded and shard.kind != "axis":
+    if not _placeable(mapping) or not target.is_contiguous() or sharded and shard.kind not in ("axis", "vocab"):
         return None
     sources = {s.part: (s, *entries(s.key)) for s in mapping.sources}
     for s, _, e in sources.values():
@@ -152,6 +152,8 @@ def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, si
             return None
         ((source, file, entry),) = sources.values()
         src = _source_view(entry, source.index, None, None)
+        if shard.kind == "vocab":
+            return _plan_vocab(target, file, entry, src, rank)
         if sharded:
             src = _narrow_chunk(src, shard.dim, rank, size)
         return _plan_parts(target, [(file, entry, src, target)], (), small_block_bytes)
@@ -191,6 +193,17 @@ def _plan_fused(target, mapping, layout, sources, rank, size, small_block_bytes)
     copies = tuple((place(op.part), place(op.source_part) if op.policy == "copy_of" else None)
                    for op in mapping.hf_to_mcore if isinstance(op, ir.FillAbsent))
     return _plan_parts(target, reads, copies, small_block_bytes)
+
+
+def _plan_vocab(target, file, entry, src, rank) -> FillPlan | None:
+    """A vocab shard: the real rows this rank holds, read in place; the rows of padding after them zeroed."""
+    if not target.dim() or not src.dim():
+        return None
+    rows = target.shape[0]
+    start, stop = tp.vocab_row_range(rank, rows, src.shape[0])
+    real = stop - start
+    pad = ((target.narrow(0, real, rows - real), None),) if real < rows else ()
+    return _plan_parts(target, [(file, entry, src.narrow(0, start, real), target.narrow(0, 0, real))], pad)
 
 
 def _source_view(entry: Entry, index: int | None, layout, factored) -> torch.Tensor:
@@ -267,7 +280,6 @@ class DirectReader:
 
     def __init__(self, reader, threads: int | None = None):
         self.reader = reader
-        self._headers: dict[str, dict[str, Entry]] = {}
         self._fds: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1))
         self._pending: list = []
@@ -286,12 +298,7 @@ class DirectReader:
             self._fds.clear()
 
     def entry(self, key: str) -> tuple[str, Entry]:
-        file = self.reader.file_of(key)
-        if file not in self._headers:
-            self._headers[file] = read_header(self.reader.directory / file)
-        if key not in self._headers[file]:
-            raise ConversionError(f"tensor '{key}' is not in '{self.reader.directory / file}'", key=key)
-        return file, self._headers[file][key]
+        return self.reader.entry(key)
 
     def fill(self, target: torch.Tensor, mapping: ir.Mapping, rank: int, size: int) -> bool:
         plan = plan_reads(target, mapping, self.entry, rank, size)

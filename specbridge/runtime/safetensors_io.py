@@ -1,8 +1,11 @@
 """Streaming safetensors I/O: a lazy reader of HF checkpoints and an atomic, sharded writer.
 
-Reader: opens `model.safetensors.index.json` (or every `*.safetensors` file), memory-maps files with
-`safe_open`, and reads a tensor, one slice of a stacked tensor, or a row range only when asked. It counts the
-bytes it reads (the multi-rank runtime proves each rank reads only its share).
+Reader: opens `model.safetensors.index.json` (or every `*.safetensors` file) and reads a tensor, one slice of a
+stacked tensor, or a row range only when asked, as a view of a private memory map of just those bytes (offsets
+from the file's header, validated by `direct_read.read_header`). The map lives as long as the views of it, so
+the file-backed pages a read touches leave the process with the tensors built from them, instead of piling up in
+a map of the whole file. It counts the bytes it reads (the multi-rank runtime proves each rank reads only its
+share).
 
 Writer: tensors are added one at a time and flushed to shard files when a shard is full, so the whole model is
 never held at once. It writes into a staging directory (see `collectives.staged_output`) that becomes the
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import ConversionError
 from . import dtypes
+from .direct_read import read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -30,8 +35,10 @@ class CheckpointReader:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._handles: dict[str, object] = {}
+        self._headers: dict[str, dict] = {}
         self.bytes_read = 0
         self.key_to_file = self._discover()
+        self._keys = frozenset(self.key_to_file)
 
     def _discover(self) -> dict[str, str]:
         if not self.directory.is_dir():
@@ -61,9 +68,10 @@ class CheckpointReader:
                                                        for k, f in weight_map.items()):
             raise ConversionError(f"corrupt index file '{index}': 'weight_map' must map tensor names to file "
                                   f"names, not {type(weight_map).__name__}")
-        for file in sorted(set(weight_map.values())):
+        files = sorted(set(weight_map.values()))
+        for file in files:
             shard_path(self.directory, file)
-        missing = sorted({f for f in weight_map.values() if not (self.directory / f).is_file()})
+        missing = [f for f in files if not (self.directory / f).is_file()]
         if missing:
             raise ConversionError(f"index '{index}' names shard file(s) that do not exist: {missing}")
         return dict(weight_map)
@@ -76,8 +84,8 @@ class CheckpointReader:
                 raise ConversionError(f"cannot read safetensors file '{self.directory / file}': {exc}") from None
         return self._handles[file]
 
-    def keys(self) -> set[str]:
-        return set(self.key_to_file)
+    def keys(self) -> frozenset[str]:
+        return self._keys  # built once: callers test membership per tensor
 
     def file_of(self, key: str) -> str:
         if key not in self.key_to_file:
@@ -99,25 +107,50 @@ class CheckpointReader:
         except (SafetensorError, OSError) as exc:
             raise ConversionError(f"cannot read '{key}' from '{file}': {exc}", key=key) from None
 
+    def entry(self, key: str):
+        """(file, `direct_read.Entry`): where the bytes of `key` lie, from the file's validated header."""
+        file = self.file_of(key)
+        if file not in self._headers:
+            self._headers[file] = read_header(self.directory / file)
+        if key not in self._headers[file]:
+            raise ConversionError(f"tensor '{key}' is not in '{self.directory / file}'", key=key)
+        return file, self._headers[file][key]
+
     def get(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None,
             cols: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor `key`; with `index`, one slice of a stacked tensor; with `rows` / `cols`, a range of the
-        first / second dim (of that slice). Only the bytes asked for are read."""
-        tensor_slice = self._slice(key)
-        _check_bounds(key, tuple(tensor_slice.get_shape()), index, rows, cols)
-        selection = (slice(index, index + 1),) if index is not None else ()
-        if rows is not None or cols is not None:
-            selection += (slice(*rows) if rows is not None else slice(None),)
-        if cols is not None:
-            selection += (slice(*cols),)
-        try:
-            tensor = tensor_slice[selection]
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise ConversionError(f"cannot read '{key}' from '{self.file_of(key)}': {exc}", key=key) from None
+        first / second dim (of that slice). Only the bytes asked for are read (a column range maps the rows it
+        lies in). The result is a view of a private map of those bytes (writing to it never reaches the file)."""
+        file, entry = self.entry(key)
+        _check_bounds(key, entry.shape, index, rows, cols)
+        shape, item, start = entry.shape, entry.dtype.itemsize, entry.offset
         if index is not None:
-            tensor = tensor[0]
+            shape = shape[1:]
+            start += index * math.prod(shape) * item
+        if rows is not None:
+            start += rows[0] * math.prod(shape[1:]) * item
+            shape = (rows[1] - rows[0], *shape[1:])
+        tensor = self._map(file, start, shape, entry.dtype)
+        if cols is not None:
+            tensor = tensor[:, cols[0]:cols[1]]
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def _map(self, file: str, start: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        count = math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            fd = os.open(self.directory / file, os.O_RDONLY)
+            try:  # the map keeps a descriptor of its own
+                mapped = mmap.mmap(fd, start - aligned + count * dtype.itemsize, access=mmap.ACCESS_COPY,
+                                   offset=aligned)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"cannot read '{self.directory / file}': {exc}") from None
+        return torch.frombuffer(mapped, dtype=dtype, count=count, offset=start - aligned).view(shape)
 
     def close(self) -> None:
         self._handles.clear()

@@ -142,3 +142,87 @@ def test_truncated_file_is_a_conversion_error(tmp_path, parallel):
     chunks = conv.build_model()
     with pytest.raises(ConversionError):
         conv.import_weights(chunks, hf_dir)
+
+
+def _maps_of(path) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip().endswith(str(path)) for line in f)
+
+
+def test_general_path_reads_are_views_of_maps_that_die_with_them(checkpoints):
+    """`CheckpointReader.get` gives safetensors' own values (whole, one stacked slice, rows, columns) as views of
+    a private map of just those bytes; the map (and the file-backed pages it touched) goes with the last view."""
+    from safetensors import safe_open
+
+    hf_dir = checkpoints["qwen3_moe"]
+    reader = _reader(hf_dir)
+    key = next(k for k in sorted(reader.keys()) if k.endswith("mlp.experts.gate_up_proj")
+               or k.endswith("down_proj.weight"))
+    file, entry = reader.entry(key)
+    with safe_open(str(hf_dir / file), "pt") as handle:
+        whole = handle.get_tensor(key).clone()
+    stacked = len(entry.shape) == 3
+    base = whole[1] if stacked else whole
+    index = 1 if stacked else None
+    rows, cols = (1, base.shape[0] - 1), (1, base.shape[1] - 2)
+    path = (hf_dir / file).resolve()
+    before = _maps_of(path)
+    got = [reader.get(key), reader.get(key, index, rows=rows), reader.get(key, index, cols=cols),
+           reader.get(key, index, rows=rows, cols=cols)]
+    expected = [whole, base[rows[0]:rows[1]], base[:, cols[0]:cols[1]], base[rows[0]:rows[1], cols[0]:cols[1]]]
+    assert all(torch.equal(g, e) and g.dtype == e.dtype for g, e in zip(got, expected))
+    assert _maps_of(path) == before + 4
+    got[0].fill_(0)  # a private map: the file never changes
+    assert torch.equal(reader.get(key), whole)
+    del got
+    assert _maps_of(path) == before
+
+
+@pytest.mark.parametrize("size,padded", [(1, 0), (1, 5), (2, 0), (2, 3), (3, 7)])
+def test_vocab_shard_is_read_in_place_and_padding_zeroed(checkpoints, size, padded):
+    """Each rank's vocab rows (with the padding megatron-core adds after the real vocabulary) are read straight
+    into the shard, bit for bit as the general path builds them; rows past the vocabulary are zeros."""
+    from specbridge.runtime import importer
+
+    hf_dir = checkpoints["llama"]
+    conv = Converter.from_pretrained(hf_dir)
+    mapping = conv.plan.by_mcore()["embedding.word_embeddings.weight"]
+    reader = _reader(hf_dir)
+    vocab, hidden = reader.shape(mapping.sources[0].key)
+    rows = -(-(vocab + padded) // size)
+    for rank in range(size):
+        target = torch.full((rows, hidden), float("nan"), dtype=reader.entry(mapping.sources[0].key)[1].dtype)
+        with direct_read.DirectReader(reader) as direct:
+            assert direct.fill(target, mapping, rank, size)
+        general = importer._build_local(mapping, reader, rank, size, tuple(target.shape))
+        assert torch.equal(target, general.to(target.dtype))
+        real = max(0, min(rows, vocab - rank * rows))
+        assert not target[real:].any()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_import_leaves_the_collector_as_it_found_it(checkpoints, parallel, enabled):
+    """The collector is paused while the import fills tensors (also when it fails), then left as it was."""
+    import gc
+
+    hf_dir = checkpoints["llama"]
+    conv = Converter.from_pretrained(hf_dir)
+    chunks = conv.build_model()
+    seen = []
+    original = direct_read.DirectReader.fill
+
+    def fill(self, target, mapping, rank, size):
+        seen.append(gc.isenabled())
+        if len(seen) == 3:
+            raise ConversionError("stop here")
+        return original(self, target, mapping, rank, size)
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(direct_read.DirectReader, "fill", fill)
+            with pytest.raises(ConversionError, match="stop here"):
+                conv.import_weights(chunks, hf_dir)
+        assert seen == [False] * 3 and gc.isenabled() is enabled
+    finally:
+        gc.enable()
