@@ -153,7 +153,7 @@ def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, si
         ((source, file, entry),) = sources.values()
         src = _source_view(entry, source.index, None, None)
         if shard.kind == "vocab":
-            return _plan_vocab(target, file, entry, src, rank)
+            return _plan_vocab(target, file, entry, src, rank, small_block_bytes)
         if sharded:
             src = _narrow_chunk(src, shard.dim, rank, size)
         return _plan_parts(target, [(file, entry, src, target)], (), small_block_bytes)
@@ -195,7 +195,7 @@ def _plan_fused(target, mapping, layout, sources, rank, size, small_block_bytes)
     return _plan_parts(target, reads, copies, small_block_bytes)
 
 
-def _plan_vocab(target, file, entry, src, rank) -> FillPlan | None:
+def _plan_vocab(target, file, entry, src, rank, small_block_bytes) -> FillPlan | None:
     """A vocab shard: the real rows this rank holds, read in place; the rows of padding after them zeroed."""
     if not target.dim() or not src.dim():
         return None
@@ -203,7 +203,8 @@ def _plan_vocab(target, file, entry, src, rank) -> FillPlan | None:
     start, stop = tp.vocab_row_range(rank, rows, src.shape[0])
     real = stop - start
     pad = ((target.narrow(0, real, rows - real), None),) if real < rows else ()
-    return _plan_parts(target, [(file, entry, src.narrow(0, start, real), target.narrow(0, 0, real))], pad)
+    return _plan_parts(target, [(file, entry, src.narrow(0, start, real), target.narrow(0, 0, real))], pad,
+                       small_block_bytes)
 
 
 def _source_view(entry: Entry, index: int | None, layout, factored) -> torch.Tensor:
