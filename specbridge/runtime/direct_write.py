@@ -89,8 +89,9 @@ def _describe(mapping: ir.Mapping, tensor: torch.Tensor, topology: Topology, hf_
     rank, size = tp_of(topology, mapping)
     name = dtypes.NAMES[tensor.dtype]
     if mapping.shard.kind == "vocab":
-        if mapping.hf_to_mcore or mapping.mcore_to_hf or len(mapping.sources) != 1 or mapping.sources[0].index is not None \
-                or vocab_rows is None or not tensor.dim() or not 0 < vocab_rows <= tensor.shape[0] * size:
+        plain = not mapping.hf_to_mcore and not mapping.mcore_to_hf and len(mapping.sources) == 1
+        if not plain or mapping.sources[0].index is not None or vocab_rows is None or not tensor.dim() \
+                or not 0 < vocab_rows <= tensor.shape[0] * size:
             return None
         return {mapping.sources[0].key: (name, (vocab_rows, *tensor.shape[1:]))}
     if not _placeable(mapping) or not all(isinstance(op, _PLACING) for op in mapping.mcore_to_hf):
