@@ -345,17 +345,23 @@ class DirectReader:
             self._read(*read)
 
     def _read(self, fd: int, file: str, offset: int, view: memoryview) -> None:
-        done = 0
-        try:
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n == 0:
-                    break
-                done += n
-        except OSError as exc:
-            raise ConversionError(f"cannot read '{self.reader.directory / file}': {exc}") from None
-        if done < len(view):
-            raise ConversionError(f"'{self.reader.directory / file}' ends before byte {offset + len(view)}")
+        read_exactly(fd, view, offset, f"'{self.reader.directory / file}'")
+
+
+def read_exactly(fd: int, view: memoryview, offset: int, where: str) -> None:
+    """Fill `view` with the file's bytes from `offset` (`preadv`, which releases the GIL); a short file or a
+    failed read is a ConversionError naming `where`."""
+    done = 0
+    try:
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as exc:
+        raise ConversionError(f"cannot read {where}: {exc}") from None
+    if done < len(view):
+        raise ConversionError(f"{where} ends before byte {offset + len(view)}")
 
 
 def _pieces(nbytes: int):

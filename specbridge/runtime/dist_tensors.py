@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError
+from .direct_read import read_exactly
 from .naming import spec_name, stacked_axes
 from .safetensors_io import shard_path
 
@@ -167,17 +168,10 @@ class Share(Mapping):
 
 
 def _pread(fd: int, view: memoryview, offset: int, where: str, name: str) -> None:
-    done = 0
     try:
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                break
-            done += n
-    except OSError as exc:
-        raise ConversionError(f"cannot read {where}: {exc}", key=name) from None
-    if done < len(view):
-        raise ConversionError(f"{where} ends before its data does", key=name)
+        read_exactly(fd, view, offset, where)
+    except ConversionError as exc:
+        raise exc.located(key=name) from None
 
 
 # ---------------------------------------------------------------- the index (checked before any tensor is read)
