@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError
+from . import dtypes
 from .direct_read import read_exactly
 from .naming import spec_name, stacked_axes
 from .safetensors_io import shard_path
@@ -111,13 +112,8 @@ class DistTensors(Mapping):
 
     @property
     def dtype(self) -> torch.dtype | None:
-        """The dtype of most of the floating-point numbers (megatron-core keeps some norms in fp32 whatever the
-        parameters' dtype); None when there are none."""
-        counts: dict[torch.dtype, int] = collections.Counter()
-        for stored in self.stored.values():
-            if stored.dtype.is_floating_point:
-                counts[stored.dtype] += math.prod(stored.shape)
-        return max(counts, key=counts.get) if counts else None
+        """The dtype of most of the floating-point numbers (`dtypes.dominant`); None when there are none."""
+        return dtypes.dominant((s.dtype, math.prod(s.shape)) for s in self.stored.values())
 
     def nbytes(self, name: str) -> int:
         stored = self.stored[name]

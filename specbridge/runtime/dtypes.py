@@ -9,7 +9,9 @@ fp32, int8 -> bf16, ...), when the spec's rule casts it itself (`cast(...)`), or
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+from collections.abc import Iterable
 
 import torch
 
@@ -73,6 +75,16 @@ class Cast:
 
     def __str__(self) -> str:
         return f"{self.key} ({short(self.source)} -> {short(self.target)})"
+
+
+def dominant(counts: Iterable[tuple[torch.dtype, int]]) -> torch.dtype | None:
+    """The floating-point dtype holding most numbers among (dtype, numel) pairs (megatron-core keeps some norms in
+    fp32 whatever the parameters' dtype); None when there are none."""
+    totals: collections.Counter[torch.dtype] = collections.Counter()
+    for dtype, numel in counts:
+        if dtype.is_floating_point:
+            totals[dtype] += numel
+    return max(totals, key=totals.get) if totals else None
 
 
 def census(reader) -> dict[torch.dtype, list[str]]:

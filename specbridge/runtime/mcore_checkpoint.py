@@ -375,17 +375,16 @@ def dist_directory(directory: str | Path) -> Path:
 
 
 def tensor_dtype(directory: str | Path) -> torch.dtype | None:
-    """The dtype of most of the checkpoint's floating-point numbers (megatron-core keeps some norms in fp32
-    whatever the parameters' dtype); None when it holds none."""
+    """The dtype of most of the checkpoint's floating-point numbers (`dtypes.dominant`); None when it holds none."""
     import math
 
     metadata = vet(dist_directory(directory))
-    counts: dict[torch.dtype, int] = {}
+    counts = []
     for entry in metadata.state_dict_metadata.values():
         dtype, size = getattr(getattr(entry, "properties", None), "dtype", None), getattr(entry, "size", ())
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and all(isinstance(n, int) for n in size):
-            counts[dtype] = counts.get(dtype, 0) + math.prod(size)
-    return max(counts, key=counts.get) if counts else None
+        if isinstance(dtype, torch.dtype) and all(isinstance(n, int) for n in size):
+            counts.append((dtype, math.prod(size)))
+    return dtypes.dominant(counts)
 
 
 def read_tensors(directory: str | Path, meta: dict, plan) -> DistTensors | None:

@@ -202,10 +202,11 @@ def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: d
     return len(encoded).to_bytes(8, "little") + encoded
 
 
-def layout_file(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, int], int]:
+def layout_file(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int], int]:
     """(header, key -> absolute byte offset of its data, file size) of a safetensors file holding these tensors in
-    this order: what lets several processes write one file's tensors in place."""
-    header = _header(entries, {"format": "pt"})
+    this order: what lets a file's tensors be written in place, by one process or several."""
+    header = _header(entries, {"format": "pt"} if metadata is None else metadata)
     offsets, at = {}, len(header)
     for key, dtype, shape in entries:
         offsets[key] = at
@@ -240,15 +241,14 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file written straight from the tensors' memory (no serialised copy of the data): the header,
     then every tensor's bytes at its offset, in blocks written by several threads at once."""
-    header = _header([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata)
+    header, offsets, size = layout_file([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        blocks, offset = [(memoryview(header), 0)], len(header)
-        for tensor in tensors.values():
+        blocks = [(memoryview(header), 0)]
+        for key, tensor in tensors.items():
             raw = _raw(tensor) if tensor.numel() else memoryview(b"")
-            blocks += [(raw[i:i + _WRITE_BLOCK], offset + i) for i in range(0, len(raw), _WRITE_BLOCK)]
-            offset += len(raw)
-        os.ftruncate(fd, offset)
+            blocks += [(raw[i:i + _WRITE_BLOCK], offsets[key] + i) for i in range(0, len(raw), _WRITE_BLOCK)]
+        os.ftruncate(fd, size)
         futures = [_writers().submit(_pwrite_all, fd, data, at) for data, at in blocks]
         errors = [f.exception() for f in futures]  # every block finished (or failed) before the file is closed
         if any(errors):
@@ -263,11 +263,11 @@ class _FileStack:
     def __init__(self, path: Path, key: str, length: int, first: torch.Tensor):
         self.length, self.filled = length, set()
         self.slice_bytes = first.numel() * first.element_size()
-        header = _header([(key, first.dtype, (length, *first.shape))], {"format": "pt"})
-        self.data_start = len(header)
+        header, offsets, size = layout_file([(key, first.dtype, (length, *first.shape))])
+        self.data_start = offsets[key]
         self.file = open(path, "wb")
         self.file.write(header)
-        self.file.truncate(self.data_start + length * self.slice_bytes)
+        self.file.truncate(size)
 
     def write(self, index: int, tensor: torch.Tensor) -> bool:
         self.file.seek(self.data_start + index * self.slice_bytes)
