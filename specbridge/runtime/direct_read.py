@@ -103,7 +103,7 @@ class FillPlan:
     copies: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]  # (destination view, source view or None=zeros)
 
 
-def _placeable(mapping: ir.Mapping) -> bool:
+def placeable(mapping: ir.Mapping) -> bool:
     hf_layout = mapping.hf_layout
     return all(isinstance(op, (ir.Fuse, ir.FillAbsent, ir.SplitSource)) for op in mapping.hf_to_mcore) and \
         all(op.policy in ("copy_of", "zeros") for op in mapping.hf_to_mcore if isinstance(op, ir.FillAbsent)) and \
@@ -132,7 +132,7 @@ def plan_reads(target: torch.Tensor, mapping: ir.Mapping, entries, rank: int, si
     `target`'s bytes (`direct_write`)."""
     shard = mapping.shard
     sharded = size > 1 and shard.kind != "replicated"
-    if not _placeable(mapping) or not target.is_contiguous() or sharded and shard.kind not in ("axis", "vocab"):
+    if not placeable(mapping) or not target.is_contiguous() or sharded and shard.kind not in ("axis", "vocab"):
         return None
     sources = {s.part: (s, *entries(s.key)) for s in mapping.sources}
     for s, _, e in sources.values():

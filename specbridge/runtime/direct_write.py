@@ -24,7 +24,6 @@ import dataclasses
 import itertools
 import math
 import os
-import zlib
 
 import torch
 
@@ -33,12 +32,12 @@ from ..compiler.layouts import LayoutError
 from ..errors import ConversionError
 from . import dtypes
 from .collectives import agree, gather_objects
-from .direct_read import Entry, Read, _placeable, plan_reads
+from .direct_read import Entry, Read, placeable, plan_reads
 from .exporter import group_key, stats
 from .ops import _check_absent, run_export
 from .parallel import Topology
-from .placement import local_tensors, owner, tp_of
-from .safetensors_io import _pwrite_all, _writers, layout_file
+from .placement import local_tensors, tp_of, writes_in_place
+from .safetensors_io import layout_file, pwrite_all, writers
 
 PREFIX = "direct"
 SMALL_BLOCK_BYTES = 2 << 10  # many blocks smaller than this (a column-split tensor's rows): gathered instead
@@ -94,7 +93,7 @@ def _describe(mapping: ir.Mapping, tensor: torch.Tensor, topology: Topology, hf_
                 or not 0 < vocab_rows <= tensor.shape[0] * size:
             return None
         return {mapping.sources[0].key: (name, (vocab_rows, *tensor.shape[1:]))}
-    if not _placeable(mapping) or not all(isinstance(op, _PLACING) for op in mapping.mcore_to_hf):
+    if not placeable(mapping) or not all(isinstance(op, _PLACING) for op in mapping.mcore_to_hf):
         return None
     shape = list(tensor.shape)
     if size > 1 and mapping.shard.kind == "axis":
@@ -172,21 +171,10 @@ def _layout(plan: ir.Plan, placed: set[int], shapes: dict, max_shard_bytes: int)
 def _create(path, header: bytes, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _pwrite_all(fd, memoryview(header), 0)
+        pwrite_all(fd, memoryview(header), 0)
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
-
-
-def _writes(topology: Topology, mapping: ir.Mapping, sharded: bool) -> bool:
-    """This rank writes its tensor of `mapping`: one data-parallel replica (expert-data-parallel for experts), and
-    of a tensor not split by TP, one TP rank chosen by name."""
-    rank, size = tp_of(topology, mapping)
-    if mapping.expert is not None:
-        replica = topology.expert_dp_rank == 0
-    else:
-        replica = topology.dp_rank == owner(mapping, topology.dp_size)
-    return replica and (sharded or rank == zlib.crc32(mapping.mcore.encode()) % size)
 
 
 def _blocks(mapping, tensor, topology, entries, vocab_rows, check_absent) -> tuple[Read, ...]:
@@ -225,7 +213,7 @@ def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets,
             if mapping.mcore not in tensors:
                 continue
             rank, size = tp_of(topology, mapping)
-            if not _writes(topology, mapping, size > 1 and mapping.shard.kind != "replicated"):
+            if not writes_in_place(topology, mapping, size > 1 and mapping.shard.kind != "replicated"):
                 continue
             tensor = tensors[mapping.mcore].detach()
             buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else None
@@ -239,11 +227,11 @@ def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets,
                     batch.append((fds[r.file], buffer[r.into + start:r.into + start + n], r.offset + start))
                     batch_bytes += n
                     if batch_bytes >= _BATCH_BYTES:
-                        jobs.append(_writers().submit(_write_all, batch))
+                        jobs.append(writers().submit(_write_all, batch))
                         batch, batch_bytes = [], 0
                 written += r.nbytes
         if batch:
-            jobs.append(_writers().submit(_write_all, batch))
+            jobs.append(writers().submit(_write_all, batch))
         errors = [job.exception() for job in jobs]  # every write finished (or failed) before the files close
         if any(errors):
             raise next(e for e in errors if e is not None)
@@ -257,4 +245,4 @@ def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets,
 
 def _write_all(batch) -> None:
     for fd, data, offset in batch:
-        _pwrite_all(fd, data, offset)
+        pwrite_all(fd, data, offset)

@@ -35,6 +35,18 @@ def writes(topology: Topology, mapping: ir.Mapping) -> bool:
     return topology.tp_rank == 0 and topology.dp_rank == owner(mapping, topology.dp_size)
 
 
+def writes_in_place(topology: Topology, mapping: ir.Mapping, sharded: bool) -> bool:
+    """This rank writes its own tensor of `mapping` in place (`direct_write`): one data-parallel replica
+    (expert-data-parallel for experts) does, each TP rank its slice of a split tensor, and of a tensor not split by
+    TP one TP rank chosen by name."""
+    rank, size = tp_of(topology, mapping)
+    if mapping.expert is not None:
+        replica = topology.expert_dp_rank == 0
+    else:
+        replica = topology.dp_rank == owner(mapping, topology.dp_size)
+    return replica and (sharded or rank == zlib.crc32(mapping.mcore.encode()) % size)
+
+
 def owner(mapping: ir.Mapping, size: int) -> int:
     """A deterministic spread of tensors (expert groups: of (layer, rule)) over `size` ranks."""
     key = f"{mapping.layer}/{mapping.rule}" if mapping.expert is not None else mapping.mcore

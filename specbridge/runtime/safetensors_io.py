@@ -222,7 +222,7 @@ _WRITE_BLOCK = 32 << 20
 _pool = None
 
 
-def _writers():
+def writers():
     """The threads that write blocks of a file in parallel (the copies into the page cache release the GIL)."""
     global _pool
     if _pool is None:
@@ -232,7 +232,7 @@ def _writers():
     return _pool
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         done = os.pwrite(fd, data, offset)
         data, offset = data[done:], offset + done
@@ -249,7 +249,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             raw = _raw(tensor) if tensor.numel() else memoryview(b"")
             blocks += [(raw[i:i + _WRITE_BLOCK], offsets[key] + i) for i in range(0, len(raw), _WRITE_BLOCK)]
         os.ftruncate(fd, size)
-        futures = [_writers().submit(_pwrite_all, fd, data, at) for data, at in blocks]
+        futures = [writers().submit(pwrite_all, fd, data, at) for data, at in blocks]
         errors = [f.exception() for f in futures]  # every block finished (or failed) before the file is closed
         if any(errors):
             raise next(e for e in errors if e is not None)
