@@ -149,3 +149,24 @@ finally:
     done = run("-c", probe, "check", "llama", "--config", str(tiny_config / "config.json"))
     assert done.returncode == 0 and "coverage proved" in done.stdout, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "[False, True] True", done.stderr
+
+
+def test_each_architecture_finds_its_one_spec_parsing_only_candidates(monkeypatch):
+    """Every architecture a built-in spec declares is served by exactly that spec, and finding it parses only the
+    specs that name it (or could inherit it through `extends`), not all of them."""
+    from specbridge import api, compiler
+
+    served = {}
+    for name, path in api.builtin_specs().items():
+        for arch in compiler.load(path).architectures:
+            served.setdefault(arch.name, []).append(name)
+    assert served and all(len(names) == 1 for names in served.values()), served
+    loads = []
+    real_load = compiler.load
+    monkeypatch.setattr(compiler, "load", lambda path, *a, **k: loads.append(Path(path).stem) or real_load(path, *a, **k))
+    for arch, (name,) in served.items():
+        loads.clear()
+        assert api.spec_for_architecture(arch).stem == name
+        assert loads[-1] == name and len(loads) < len(api.builtin_specs()) / 2, (arch, loads)
+    with pytest.raises(api.UsageError, match="no built-in spec serves architecture 'NoSuchForCausalLM'"):
+        api.spec_for_architecture("NoSuchForCausalLM")

@@ -71,3 +71,15 @@ def main(name: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+
+
+def import_config_class(hf_dir: str) -> None:
+    """Import the transformers configuration module of the checkpoint's model type, as a library import before
+    the clock: both in-process workers call it (Megatron-Bridge's own package import already loads most of them)."""
+    import json
+    import os
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        CONFIG_MAPPING[json.load(f)["model_type"]]
