@@ -74,6 +74,10 @@ def read_header(path: Path) -> dict[str, Entry]:
 
 
 def _entry(path: Path, key: str, info, data_start: int, file_size: int) -> Entry:
+    name = info.get("dtype") if isinstance(info, dict) else None
+    if isinstance(name, str) and name not in _DTYPES:
+        raise ConversionError(f"safetensors file '{path}' holds tensor '{key}' of dtype '{name}', which is not "
+                              f"supported (known: {', '.join(_DTYPES)})", key=key)
     try:
         dtype, shape, (begin, end) = _DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
         ok = all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end))

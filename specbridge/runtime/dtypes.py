@@ -40,12 +40,6 @@ _EXACT_INTO = {
 }
 
 
-def from_safetensors(name: str, key: str | None = None) -> torch.dtype:
-    if name not in SAFETENSORS:
-        raise ConversionError(f"tensor dtype '{name}' is not supported (known: {', '.join(SAFETENSORS)})", key=key)
-    return SAFETENSORS[name]
-
-
 def short(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -93,10 +87,10 @@ def census(reader) -> dict[torch.dtype, list[str]]:
     out: dict[torch.dtype, list[str]] = {}
     for key in sorted(reader.keys()):
         try:
-            name = reader.dtype(key)
+            dtype = reader.entry(key)[1].dtype
         except ConversionError:
             continue
-        out.setdefault(from_safetensors(name, key), []).append(key)
+        out.setdefault(dtype, []).append(key)
     return out
 
 
@@ -132,7 +126,7 @@ def import_casts(plan: ir.Plan, reader, params_dtype: torch.dtype) -> tuple[Cast
                 continue
             seen.add(source.key)
             try:
-                dtype = from_safetensors(reader.dtype(source.key), source.key)
+                dtype = reader.entry(source.key)[1].dtype
             except ConversionError:
                 continue  # unreadable: reported by the import, located
             if dtype != params_dtype:

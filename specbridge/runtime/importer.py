@@ -213,13 +213,8 @@ def _read_vocab_rows(source: ir.Source, reader, rank: int, target_shape) -> torc
     real = reader.get(source.key, source.index, rows=(start, stop)) if start < stop else None
     if real is not None and real.shape[0] == rows:
         return real
-    pad = torch.zeros((rows - (stop - start), *target_shape[1:]), dtype=reader_dtype(reader, source.key))
+    pad = torch.zeros((rows - (stop - start), *target_shape[1:]), dtype=reader.entry(source.key)[1].dtype)
     return pad if real is None else torch.cat([real, pad])
-
-
-def reader_dtype(reader, key: str) -> torch.dtype:
-    table = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    return table.get(reader.dtype(key), torch.float32)
 
 
 def _row_shardable(mapping: ir.Mapping, size: int) -> bool:

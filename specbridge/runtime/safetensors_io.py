@@ -1,8 +1,9 @@
 """Streaming safetensors I/O: a lazy reader of HF checkpoints and an atomic, sharded writer.
 
-Reader: opens `model.safetensors.index.json` (or every `*.safetensors` file) and reads a tensor, one slice of a
-stacked tensor, or a row range only when asked, as a view of a private memory map of just those bytes (offsets
-from the file's header, validated by `direct_read.read_header`). The map lives as long as the views of it, so
+Reader: opens `model.safetensors.index.json` (or reads the header of every `*.safetensors` file) and reads a
+tensor, one slice of a stacked tensor, or a row range only when asked, as a view of a private memory map of just
+those bytes. Keys, shapes, dtypes and offsets all come from each file's header, parsed and validated once
+(`direct_read.read_header`). The map lives as long as the views of it, so
 the file-backed pages a read touches leave the process with the tensors built from them, instead of piling up in
 a map of the whole file. It counts the bytes it reads (the multi-rank runtime proves each rank reads only its
 share).
@@ -21,11 +22,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from ..errors import ConversionError
 from . import dtypes
-from .direct_read import read_header
+from .direct_read import Entry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -34,8 +34,7 @@ SINGLE_NAME = "model.safetensors"
 class CheckpointReader:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._handles: dict[str, object] = {}
-        self._headers: dict[str, dict] = {}
+        self._headers: dict[str, dict[str, Entry]] = {}
         self.bytes_read = 0
         self.key_to_file = self._discover()
         self._keys = frozenset(self.key_to_file)
@@ -52,7 +51,7 @@ class CheckpointReader:
         key_to_file: dict[str, str] = {}
         for file in files:
             shard_path(self.directory, file)
-            for key in self._open(file).keys():
+            for key in self._header(file):
                 if key in key_to_file:
                     raise ConversionError(f"tensor '{key}' is in two shard files, '{key_to_file[key]}' and "
                                           f"'{file}' (and no {INDEX_NAME} says which one counts)", key=key)
@@ -76,13 +75,11 @@ class CheckpointReader:
             raise ConversionError(f"index '{index}' names shard file(s) that do not exist: {missing}")
         return dict(weight_map)
 
-    def _open(self, file: str):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(self.directory / file), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise ConversionError(f"cannot read safetensors file '{self.directory / file}': {exc}") from None
-        return self._handles[file]
+    def _header(self, file: str) -> dict[str, Entry]:
+        """The validated header of shard `file`, parsed once."""
+        if file not in self._headers:
+            self._headers[file] = read_header(self.directory / file)
+        return self._headers[file]
 
     def keys(self) -> frozenset[str]:
         return self._keys  # built once: callers test membership per tensor
@@ -93,28 +90,19 @@ class CheckpointReader:
         return self.key_to_file[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slice(key).get_shape())
+        return self.entry(key)[1].shape
 
     def dtype(self, key: str) -> str:
-        return self._slice(key).get_dtype()
+        """The safetensors name of the tensor's dtype ("BF16", "F32", ...)."""
+        return dtypes.NAMES[self.entry(key)[1].dtype]
 
-    def _slice(self, key: str):
-        file = self.file_of(key)
-        try:
-            return self._open(file).get_slice(key)
-        except ConversionError as exc:
-            raise ConversionError(str(exc), key=key) from None
-        except (SafetensorError, OSError) as exc:
-            raise ConversionError(f"cannot read '{key}' from '{file}': {exc}", key=key) from None
-
-    def entry(self, key: str):
+    def entry(self, key: str) -> tuple[str, Entry]:
         """(file, `direct_read.Entry`): where the bytes of `key` lie, from the file's validated header."""
         file = self.file_of(key)
-        if file not in self._headers:
-            self._headers[file] = read_header(self.directory / file)
-        if key not in self._headers[file]:
+        header = self._header(file)
+        if key not in header:
             raise ConversionError(f"tensor '{key}' is not in '{self.directory / file}'", key=key)
-        return file, self._headers[file][key]
+        return file, header[key]
 
     def get(self, key: str, index: int | None = None, rows: tuple[int, int] | None = None,
             cols: tuple[int, int] | None = None) -> torch.Tensor:
@@ -153,7 +141,8 @@ class CheckpointReader:
         return torch.frombuffer(mapped, dtype=dtype, count=count, offset=start - aligned).view(shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Forget the cached headers (the reader holds no open file: each map keeps its own descriptor)."""
+        self._headers.clear()
 
 
 def _check_bounds(key: str, shape: tuple[int, ...], index, rows, cols) -> None:

@@ -33,6 +33,10 @@ CASES = [
     ("index_not_json", "import", "index_garbage", "corrupt index file"),
     ("index_names_missing_shard", "import", "index_missing_shard", "do not exist"),
     ("duplicate_key_two_shards", "import", "duplicate_key", "is in two shard files"),
+    ("shard_truncated", "import", "truncate:model.safetensors", "model.safetensors' describes tensor"),
+    ("shard_header_garbage", "import", "header_garbage", "model.safetensors' has a corrupt header"),
+    ("unsupported_dtype", "import", "header_dtype:F8_E8M0",
+     "model.safetensors' holds tensor 'model.norm.weight' of dtype 'F8_E8M0', which is not supported"),
     ("tied_lm_head_differs", "import", "tied_lm_head", "holds a different 'lm_head.weight'"),
     ("hidden_size_string", "import", "config:hidden_size=\"64\"", "hidden_size"),
     ("config_not_json", "import", "config_garbage", "is not valid JSON"),
@@ -192,6 +196,36 @@ def _duplicate_key(src, work, out, arg):
     save_file({k: tensors[k] for k in keys[len(keys) // 2:]}, str(src / "b.safetensors"))
 
 
+def _truncate(src, work, out, arg):
+    """Cut the file `arg` to half its size."""
+    path = src / arg
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n:])
+
+
+def _header_dtype(src, work, out, arg):
+    """One tensor of the shard claims the dtype `arg`."""
+    _rewrite_header(src / "model.safetensors", lambda header: header["model.norm.weight"].update(dtype=arg))
+
+
+def _header_garbage(src, work, out, arg):
+    """The shard's header (its length prefix intact) is not JSON."""
+    path = src / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    raw[8:8 + n] = b"{" + b"\xff" * (n - 1)
+    path.write_bytes(raw)
+
+
 def _tied_lm_head(src, work, out, arg):
     tensors = _tensors(src)
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1
@@ -270,16 +304,12 @@ _HF = {"index_entry": _index_entry, "symlink_out": _symlink_out, "weight_map_lis
        "extra_tensor": _extra_tensor, "output_exists": _output_exists,
        "output_exists_broken_input": _output_exists_broken_input, "output_is_input": _output_is_input,
        "output_contains_input": _output_contains_input, "overwrite_foreign": _overwrite_foreign,
-       "output_file": _output_file}
+       "output_file": _output_file, "truncate": _truncate, "header_dtype": _header_dtype,
+       "header_garbage": _header_garbage}
 
 
 def _evil_metadata(src, work, out, arg):
     (src / "release" / ".metadata").write_bytes(pickle.dumps(_CreatesFile(work / "pwned")))
-
-
-def _truncate(src, work, out, arg):
-    path = src / arg
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _remove(src, work, out, arg):

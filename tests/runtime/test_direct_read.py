@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from specbridge.api import Converter
 from specbridge.errors import ConversionError
-from specbridge.runtime import direct_read
+from specbridge.runtime import direct_read, dtypes
 from specbridge.runtime.placement import local_tensors
 from tests.support import FAMILIES, save_tiny
 
@@ -142,6 +143,54 @@ def test_truncated_file_is_a_conversion_error(tmp_path, parallel):
     chunks = conv.build_model()
     with pytest.raises(ConversionError):
         conv.import_weights(chunks, hf_dir)
+
+
+def test_reader_takes_keys_shapes_and_dtypes_from_the_validated_header(checkpoints, tmp_path, monkeypatch,
+                                                                       parallel):
+    """Keys, shapes and dtypes are safetensors' own answers, with an index and without one, while `safe_open` is
+    unusable: the reader parses each header once, itself; an import reads the same parameters through it."""
+    import safetensors
+    import safetensors.torch
+    from safetensors import safe_open
+
+    from specbridge.runtime import safetensors_io
+
+    hf_dir = checkpoints["qwen3_moe"]
+    expected = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            expected.update({k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype())
+                             for k in handle.keys()})
+    before, _, _, _ = _import(hf_dir, monkeypatch=monkeypatch)
+    bare = tmp_path / "bare"  # the shards without their index: every header is read to list the keys
+    shutil.copytree(hf_dir, bare)
+    (bare / "model.safetensors.index.json").unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("safe_open called")
+
+    monkeypatch.setattr(safetensors, "safe_open", refuse)
+    monkeypatch.setattr(safetensors.torch, "safe_open", refuse)
+    assert not hasattr(safetensors_io, "safe_open")
+    for directory in (hf_dir, bare):
+        reader = _reader(directory)
+        assert {k: (reader.shape(k), reader.dtype(k)) for k in reader.keys()} == expected
+    after, _, _, _ = _import(bare, monkeypatch=monkeypatch)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_unsupported_dtype_names_the_file_tensor_and_dtype(checkpoints, tmp_path):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(checkpoints["llama"], hf_dir)
+    shard = _first_shard(hf_dir)
+    weight_map = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    key = min(k for k, file in weight_map.items() if file == shard.name)
+    _rewrite(shard, lambda header: header[key].update(dtype="F8_E8M0"))
+    reader = _reader(hf_dir)  # with an index, a header is read when first asked
+    with pytest.raises(ConversionError) as info:
+        reader.shape(key)
+    assert str(info.value) == (f"safetensors file '{shard}' holds tensor '{key}' of dtype 'F8_E8M0', which is not "
+                               f"supported (known: {', '.join(dtypes.SAFETENSORS)}) [key '{key}']")
 
 
 def _maps_of(path) -> int:
