@@ -342,6 +342,7 @@ def _layer_spec(choice: str | None, plan) -> str:
 
 def cmd_import(args) -> int:
     from .api import Converter, builtin_specs
+    from .compiler import config_record
     from .runtime import collectives, dtypes, mcore_checkpoint
     from .runtime.safetensors_io import CheckpointReader
 
@@ -362,6 +363,10 @@ def cmd_import(args) -> int:
     metadata = mcore_checkpoint.conversion_metadata(conv.plan, conv.spec_path.stem if builtin else conv.plan.spec,
                                                     builtin, conv.source_config, params_dtype, topology,
                                                     conv.spec_path.name)
+    reads = config_record.record(conv.spec, conv.hf_config, conv.plan.architecture, conv.plan.format, conv.plan,
+                                 conv.source_config)
+    if reads is not None:  # what lets the export compile its plan without transformers
+        metadata["config_reads"] = reads
     metadata["padded_vocab_size"] = chunks[0].vocab_size  # a later load at another TP builds the same rows
     model_kwargs = {**conv.plan.model_kwargs(), "vocab_size": chunks[0].vocab_size}  # Megatron's padded_vocab_size
     if settings is not None:
@@ -380,9 +385,6 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import dataclasses
-
-    from .api import Converter, hf_config_from_dict
     from .errors import UsageError
     from .runtime import collectives, dtypes, mcore_checkpoint, parallel
 
@@ -396,15 +398,14 @@ def cmd_export(args) -> int:
     if (args.adapter_only or args.merge) and not adapter:
         raise UsageError(f"the Megatron checkpoint '{args.mcore_dir}' holds no LoRA adapter")
     spec = mcore_checkpoint.recorded_spec(args.mcore_dir, meta, args.spec)
-    conv = Converter.from_config(hf_config_from_dict(meta["hf_config"]), spec, meta["architecture"],
-                                 args.format or meta["format"])
-    conv = dataclasses.replace(conv, source_config=meta["hf_config"])
+    direct = not adapter and "tensor_shapes" in meta  # read straight from the checkpoint's files: no model built
+    conv = _export_converter(meta, spec, args.format or meta["format"], recorded_reads=direct)
     _libraries_loaded()
     update, close = _progress(len(conv.plan.mappings), "export")
     export = dict(dtype=wanted, check_absent=args.absent == "check", overwrite=args.overwrite, progress=update,
                   carry=mcore_checkpoint.carried_files(args.mcore_dir, meta), inputs=[args.mcore_dir])
-    tensors = None if adapter else mcore_checkpoint.read_tensors(args.mcore_dir, meta, conv.expanded_plan())
-    if tensors is not None:  # read straight from the checkpoint's files: no model is built
+    tensors = mcore_checkpoint.read_tensors(args.mcore_dir, meta, conv.expanded_plan()) if direct else None
+    if tensors is not None:
         with tensors:
             conv.export_weights(tensors, args.out, **export)
         stored = tensors.dtype
@@ -418,6 +419,28 @@ def cmd_export(args) -> int:
     merged = " with the LoRA adapter merged" if args.merge else ""
     _say(f"export: {args.mcore_dir} -> {args.out} (HF format '{conv.plan.format}'{merged})")
     return 0
+
+
+def _export_converter(meta, spec, fmt: str, recorded_reads: bool):
+    """The export's converter: its plan compiled from the config reads the import recorded (no transformers is
+    imported) when `recorded_reads` and the record serves this spec, else from transformers' config."""
+    import dataclasses
+
+    from .api import Converter, hf_config_from_dict
+    from .compiler import config_record
+
+    view = config_record.recorded(meta.get("config_reads"), meta["hf_config"]) if recorded_reads else None
+    conv = None
+    if view is not None:
+        try:
+            conv = Converter.from_config(view, spec, meta["architecture"], fmt)
+        except config_record.NotRecorded:  # another spec reads more than the import's did
+            conv = None
+        if conv is not None and conv.plan.digest != view.spec_digest:
+            conv = None
+    if conv is None:
+        conv = Converter.from_config(hf_config_from_dict(meta["hf_config"]), spec, meta["architecture"], fmt)
+    return dataclasses.replace(conv, source_config=meta["hf_config"])
 
 
 def _export_through_model(args, conv, meta, export):

@@ -125,8 +125,8 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def tiny_model(family: str, seed: int = 0, **overrides):
-    """A tiny random transformers model of `family` (see FAMILIES), fp32, eval mode, perturbed."""
+def tiny_config(family: str, **overrides):
+    """The transformers config of a tiny model of `family` (see FAMILIES)."""
     import transformers
 
     cls_name, extra = FAMILIES[family]
@@ -134,9 +134,16 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     defaults = {} if "text_config" in extra else TINY  # a multimodal config holds the text model's in text_config
     fields = {**defaults, **extra, **overrides}
     fields = {k: v for k, v in fields.items() if v is not None or k not in defaults}  # None drops a TINY field
-    config = config_cls(**fields, architectures=[cls_name])
+    return config_cls(**fields, architectures=[cls_name])
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A tiny random transformers model of `family` (see FAMILIES), fp32, eval mode, perturbed."""
+    import transformers
+
+    config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, cls_name)(config).float().eval()
+    model = getattr(transformers, config.architectures[0])(config).float().eval()
     return perturb(model, seed)
 
 

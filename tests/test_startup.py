@@ -93,17 +93,29 @@ def test_explain_builds_no_model(tiny_config, tmp_path):
     assert result["code"] == 0 and "megatron.core" not in result["heavy"], done.stderr
 
 
-def test_export_builds_no_model(tmp_path):
-    """`export` reads the checkpoint's tensors itself: megatron-core is never imported."""
+@pytest.mark.parametrize("family", ["llama", "gemma4_dense"])
+def test_export_builds_no_model_and_loads_no_transformers(family, tmp_path):
+    """`export` reads the checkpoint's tensors itself and compiles its plan from the config reads the import
+    recorded: neither megatron-core, transformers nor torch.distributed.checkpoint is imported. Without the
+    record (an earlier checkpoint), transformers' config is read and the output is the same, byte for byte."""
     from tests.support import save_tiny
 
-    hf, mcore = save_tiny("llama", tmp_path / "hf"), tmp_path / "mcore"
+    hf, mcore = save_tiny(family, tmp_path / "hf"), tmp_path / "mcore"
     assert run("-m", "specbridge", "import", str(hf), str(mcore)).returncode == 0
     probe = PROBE.replace("{m.split('.')[0] for m in sys.modules}", "set(sys.modules)").replace(
-        repr(HEAVY), repr(("torch", "megatron.core", "transformers")))
+        repr(HEAVY), repr(("torch", "megatron.core", "transformers", "torch.distributed.checkpoint")))
     done = run("-c", probe, "export", str(mcore), str(tmp_path / "back"), cwd=tmp_path)
     result = json.loads(done.stdout.splitlines()[-1])
-    assert result["code"] == 0 and "megatron.core" not in result["heavy"], done.stderr
+    assert result["code"] == 0 and result["heavy"] == ["torch"], (result, done.stderr)
+    meta_file = mcore / "specbridge.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "config_reads"}))
+    done = run("-c", probe, "export", str(mcore), str(tmp_path / "plain"), cwd=tmp_path)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["code"] == 0 and "transformers" in result["heavy"], (result, done.stderr)
+    written = sorted(p.name for p in (tmp_path / "back").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert all((tmp_path / "back" / n).read_bytes() == (tmp_path / "plain" / n).read_bytes() for n in written)
 
 
 LAZY_MODELS = """

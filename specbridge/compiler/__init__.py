@@ -78,7 +78,12 @@ class _Opaque:
 
 @functools.lru_cache(maxsize=64)
 def _compiled(spec, config_key: str, architecture, fmt, config: _Opaque) -> ir.Plan:
-    return order(invert(resolve(spec, config.value, architecture, fmt), spec.texts))
+    return compile_uncached(spec, config.value, architecture, fmt)
+
+
+def compile_uncached(spec, hf_config, architecture: str | None = None, fmt: str | None = None) -> ir.Plan:
+    """`compile_plan` without its cache (and without manifests): every config read happens."""
+    return order(invert(resolve(spec, hf_config, architecture, fmt), spec.texts))
 
 
 def _config_dict(hf_config):
@@ -87,4 +92,4 @@ def _config_dict(hf_config):
     return hf_config.to_dict() if hasattr(hf_config, "to_dict") else vars(hf_config)
 
 
-__all__ = ["PASSES", "check", "check_requirements", "compile_plan", "invert", "ir", "load", "order", "resolve"]
+__all__ = ["PASSES", "check", "check_requirements", "compile_plan", "compile_uncached", "invert", "ir", "load", "order", "resolve"]

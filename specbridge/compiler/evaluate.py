@@ -150,9 +150,19 @@ def call_function(function: Function, args, span: Span):
 # ---------------------------------------------------------------- reading configs
 
 
+class ConfigView:
+    """A config read without transformers, field by field (`compiler.config_record`): expressions see it as they
+    see the `PretrainedConfig` it stands for. `field(name)` is the value, or `MISSING`."""
+
+    def field(self, name: str):
+        raise NotImplementedError
+
+
 def is_hf_config(value) -> bool:
-    """Whether `value` is a transformers `PretrainedConfig` (without importing transformers: no object is one
-    unless transformers is loaded)."""
+    """Whether `value` is a transformers `PretrainedConfig` or a `ConfigView` of one (without importing
+    transformers: no object is one unless transformers is loaded)."""
+    if isinstance(value, ConfigView):
+        return True
     module = sys.modules.get("transformers.configuration_utils")
     base = getattr(module, "PreTrainedConfig", None) or getattr(module, "PretrainedConfig", None)
     return base is not None and isinstance(value, base)
@@ -176,6 +186,8 @@ def config_value(owner, name: str):
         raise EvalError(UNKNOWN_SPAN, f"'{name}' is not a config field: names starting with '_' cannot be read")
     if isinstance(owner, AbcMapping):
         value = owner.get(name, MISSING)
+    elif isinstance(owner, ConfigView):
+        value = owner.field(name)
     elif is_hf_config(owner):
         try:
             value = getattr(owner, name, MISSING)

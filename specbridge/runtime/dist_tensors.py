@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConversionError
-from . import dtypes
+from . import dist_metadata, dtypes
 from .direct_read import read_exactly
 from .naming import spec_name, stacked_axes
 from .safetensors_io import shard_path
@@ -173,27 +173,17 @@ def _pread(fd: int, view: memoryview, offset: int, where: str, name: str) -> Non
 # ---------------------------------------------------------------- the index (checked before any tensor is read)
 
 
-def key_shapes(metadata) -> dict[str, list[int]]:
-    """Checkpoint key -> global shape, of every tensor in a checkpoint's metadata (what `save` records)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    return {key: list(entry.size) for key, entry in metadata.state_dict_metadata.items()
-            if isinstance(entry, TensorStorageMetadata)}
-
-
 def _index(dist_dir: Path, metadata, recorded: Mapping[str, list[int]]) -> dict[str, Stored]:
     """Spec name -> where its chunks are, for the tensors of every key in `recorded` (key -> global shape, as
     written at import); a ConversionError for a missing key, a shape other than the recorded one, chunks that do
     not tile a tensor or a chunk outside its file."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     where = f"the Megatron checkpoint '{dist_dir}'"
     storage = {(index.fqn, tuple(index.offset or ())): info for index, info in metadata.storage_data.items()}
     sizes: dict[str, int] = {}
     found: dict[str, tuple[str, tuple[int, ...], torch.dtype, list[Chunk]]] = {}
     for key, shape in recorded.items():
         entry = metadata.state_dict_metadata.get(key)
-        if not isinstance(entry, TensorStorageMetadata):
+        if not isinstance(entry, dist_metadata.TensorStorageMetadata):
             raise ConversionError(f"{where} lacks tensor '{key}'", key=key)
         axes, size = stacked_axes(key), tuple(entry.size)
         if size != tuple(shape) or len(size) < axes:

@@ -29,7 +29,6 @@ import argparse
 import functools
 import io
 import json
-import os
 import pickle
 import queue
 import shutil
@@ -37,9 +36,10 @@ from pathlib import Path
 
 import torch
 
+from ..compiler import config_record
 from ..errors import ConversionError, UsageError
-from . import collectives, dtypes, te_keys
-from .dist_tensors import DistTensors, key_shapes
+from . import collectives, dist_metadata, dtypes, te_keys
+from .dist_tensors import DistTensors
 from .safetensors_io import shard_path
 
 METADATA = "specbridge.json"
@@ -109,7 +109,7 @@ def save(chunks, target: str | Path, metadata: dict, overwrite: bool = False, sp
                 (staging / SPEC_DIR / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / SPEC_DIR / name).write_text(text)
             metadata = {**metadata, "hf_files": carried, "layer_spec": layer_spec,
-                        "tensor_shapes": key_shapes(_vet_metadata(release / ".metadata"))}
+                        "tensor_shapes": dist_metadata.key_shapes(dist_metadata.read(release / ".metadata"))}
             (staging / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return Path(target)
 
@@ -306,6 +306,10 @@ def read_metadata(directory: str | Path) -> dict:
     if not isinstance(shapes, dict) or not all(isinstance(k, str) and isinstance(v, list) and all(
             isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v) for k, v in shapes.items()):
         raise ConversionError(f"'{path}' is damaged: 'tensor_shapes' must map checkpoint keys to shapes")
+    try:
+        config_record.recorded(meta.get("config_reads"), meta["hf_config"])  # its shape, checked before any work
+    except config_record.DamagedRecord as exc:
+        raise ConversionError(f"'{path}' is damaged: 'config_reads': {exc}") from None
     files = meta.setdefault("hf_files", [])
     if not isinstance(files, list) or not all(isinstance(f, str) and f in CARRIED for f in files):
         raise ConversionError(f"'{path}' is damaged: 'hf_files' must list carried HF files ({', '.join(CARRIED)})")
@@ -452,40 +456,15 @@ def carried_files(directory: str | Path, meta: dict) -> list[Path]:
 # ---------------------------------------------------------------- vetting the pickles
 
 
-# module -> names a checkpoint's `.metadata` may name (torch.distributed.checkpoint's metadata classes)
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
-                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
-                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        allowed = name in _METADATA_GLOBALS.get(module, ())
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            allowed = True
-        if not allowed:
-            raise pickle.UnpicklingError(f"'{module}.{name}' is not a checkpoint-metadata type")
-        return super().find_class(module, name)
-
-
 def vet(dist_dir: Path):
     """Check every pickle megatron-core's loader would unpickle, with restricted unpicklers: `.metadata`,
     `common.pt` and the byte items of the `*.distcp` files (whose locations must be files of this directory).
     Returns the checkpoint's metadata."""
-    metadata = _vet_metadata(dist_dir / ".metadata")
+    metadata = dist_metadata.read(dist_dir / ".metadata")
     _vet_json(dist_dir / "metadata.json")
     common = dist_dir / "common.pt"
     if common.exists():
         _vet_torch(common.read_bytes(), f"'{common}'")
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
     for index, info in metadata.storage_data.items():
         name, offset, length = (getattr(info, a, None) for a in ("relative_path", "offset", "length"))
         fqn = getattr(index, "fqn", None)
@@ -498,26 +477,10 @@ def vet(dist_dir: Path):
             raise ConversionError(f"'{dist_dir / '.metadata'}' names storage file '{name}', which does not exist")
         if getattr(info, "transform_descriptors", None):
             raise ConversionError(f"'{path}': transformed (e.g. compressed) storage is not supported")
-        if isinstance(metadata.state_dict_metadata.get(fqn), BytesStorageMetadata):
+        if isinstance(metadata.state_dict_metadata.get(fqn), dist_metadata.BytesStorageMetadata):
             with open(path, "rb") as f:
                 f.seek(offset)
                 _vet_torch(f.read(length), f"item '{fqn}' of '{path}'")
-    return metadata
-
-
-def _vet_metadata(path: Path):
-    if not path.is_file():
-        raise ConversionError(f"'{path.parent}' is not a torch_dist checkpoint (no .metadata)")
-    try:
-        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError, IndexError,
-            KeyError) as exc:
-        raise ConversionError(f"refusing '{path}': {_first_line(exc) or type(exc).__name__}") from None
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    if not isinstance(metadata, Metadata) or not isinstance(getattr(metadata, "storage_data", None), dict) or \
-            not isinstance(getattr(metadata, "state_dict_metadata", None), dict):
-        raise ConversionError(f"refusing '{path}': not a torch.distributed.checkpoint Metadata")
     return metadata
 
 

@@ -61,6 +61,7 @@ CASES = [
     ("tensor_item_wrong_shape", "export", "tensor_item_swapped", "not a stored tensor of the expected"),
     ("tensor_shape_not_recorded", "export", "meta_shape:embedding.word_embeddings.weight", "shape [256, 64], not the [258, 64]"),
     ("tensor_shapes_garbage", "export", "meta_shapes_garbage", "'tensor_shapes' must map checkpoint keys"),
+    ("config_reads_garbage", "export", "meta_reads_garbage", "'config_reads': a read must be a value"),
     ("recorded_key_missing", "export", "meta_shape:decoder.no_such.weight", "lacks tensor 'decoder.no_such"),
     ("storage_path_leaves", "export", "storage_path:../outside.distcp", "not a plain file name"),
     ("storage_entry_malformed", "export", "storage_offset", "a storage entry is not (file, offset, length)"),
@@ -393,6 +394,12 @@ def _meta_shapes_garbage(src, work, out, arg):
     _write_meta(src, meta)
 
 
+def _meta_reads_garbage(src, work, out, arg):
+    meta = _meta(src)
+    meta["config_reads"]["reads"]["config"]["hidden_size"] = {"code": "__import__('os').system('touch pwned')"}
+    _write_meta(src, meta)
+
+
 def _storage_path(src, work, out, arg):
     shutil.copy(src / "release" / "__0_0.distcp", work / "outside.distcp")
 
@@ -512,7 +519,7 @@ def _empty_dir(src, work, out, arg):
 
 
 _MCORE = {"evil_tensor_item": _evil_tensor_item, "tensor_item_swapped": _tensor_item_swapped, "meta_shape": _meta_shape,
-          "meta_shapes_garbage": _meta_shapes_garbage, "evil_metadata": _evil_metadata, "truncate": _truncate, "remove": _remove, "evil_common": _evil_common,
+          "meta_shapes_garbage": _meta_shapes_garbage, "meta_reads_garbage": _meta_reads_garbage, "evil_metadata": _evil_metadata, "truncate": _truncate, "remove": _remove, "evil_common": _evil_common,
           "evil_byte_item": _evil_byte_item, "storage_path": _storage_path, "storage_offset": _storage_offset,
           "hf_symlink": _hf_symlink, "tracker": _tracker,
           "release_symlink": _release_symlink, "meta_garbage": _meta_garbage, "meta_list": _meta_list,
