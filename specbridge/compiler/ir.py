@@ -13,11 +13,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..dsl.diagnostics import Span
+from .layouts import BRACKET, Layout  # noqa: F401  (the layout of a mapping, part of the IR)
 from .ops import AddConst, Cast, CheckAbsent, FillAbsent, Fuse, Op, ScaleBy, Split, SplitSource  # noqa: F401  (op nodes)
 
 HF, MCORE = "hf", "mcore"
 HF_TO_MCORE, MCORE_TO_HF = "hf_to_mcore", "mcore_to_hf"
-BRACKET = "[]"  # the factor name of the parts bracket inside a layout dim
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,24 +27,6 @@ class Source:
     part: str
     key: str
     index: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """Factored dims of the Megatron tensor. `dims[k]` lists factor names, outermost first; `BRACKET` marks
-    the parts. `sizes` holds the axis sizes known from the spec (others are inferred from tensors, one per dim)."""
-
-    dims: tuple[tuple[str, ...], ...]
-    sizes: tuple[tuple[str, int], ...]
-    parts: tuple[tuple[str, int], ...]  # (part, its extent along the bracket factor)
-    text: str = ""
-
-    def size(self, axis: str) -> int | None:
-        return dict(self.sizes).get(axis)
-
-    @property
-    def part_names(self) -> tuple[str, ...]:
-        return tuple(p for p, _ in self.parts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Layout arithmetic on shapes (no tensors): sizes of axes, the shape of each part, the fused shape.
+"""Layouts (`Layout`, part of the IR) and their arithmetic on shapes (no tensors): sizes of axes, the shape of each
+part, the fused shape.
 
 A layout dim is a product of factors; at most one factor per dim may be unknown and is then inferred from a
 concrete shape. The parts bracket contributes the extent of one part (when looking at that part's tensor) or
@@ -8,8 +9,27 @@ the sum of all parts (when looking at the fused tensor).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from .ir import BRACKET, Layout
+BRACKET = "[]"  # the factor name of the parts bracket inside a layout dim
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Factored dims of the Megatron tensor. `dims[k]` lists factor names, outermost first; `BRACKET` marks
+    the parts. `sizes` holds the axis sizes known from the spec (others are inferred from tensors, one per dim)."""
+
+    dims: tuple[tuple[str, ...], ...]
+    sizes: tuple[tuple[str, int], ...]
+    parts: tuple[tuple[str, int], ...]  # (part, its extent along the bracket factor)
+    text: str = ""
+
+    def size(self, axis: str) -> int | None:
+        return dict(self.sizes).get(axis)
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.parts)
 
 
 class LayoutError(ValueError):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ..dsl.diagnostics import Span
 
 if TYPE_CHECKING:
-    from .ir import Layout
+    from .layouts import Layout
 
 
 # ---------------------------------------------------------------- the IR nodes (a program is a tuple of these)
