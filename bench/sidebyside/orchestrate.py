@@ -80,6 +80,7 @@ def one_round(name: str, hf_dir: Path, tp: int, mb_python: str | None, scratch: 
         o, j = scratch / f"{tag}_{tool}_hf", scratch / f"{tag}_{tool}.json"
         shutil.rmtree(o, ignore_errors=True)
         j.unlink(missing_ok=True)
+        os.sync()  # the previous run's writes (the other tool's export) are on disk before this one starts
         if tool == "sb":
             script = [str(HERE / "sb_worker.py"), "inproc", str(hf_dir), str(o), str(j), "--tp", str(tp)]
             run = timed(_python_run(sb, tp, script), timeout)
@@ -121,6 +122,7 @@ def one_round(name: str, hf_dir: Path, tp: int, mb_python: str | None, scratch: 
     if tp == 1:
         o, j = scratch / f"{tag}_floor", scratch / f"{tag}_floor.json"
         shutil.rmtree(o, ignore_errors=True)
+        os.sync()
         run = timed([sb, str(HERE / "sb_worker.py"), "floor", str(hf_dir), str(o), str(j)], timeout)
         run["report"] = json.loads(j.read_text()) if j.exists() else None
         shutil.rmtree(o, ignore_errors=True)
