@@ -7,6 +7,19 @@ from pathlib import Path
 from specbridge.demo import FAMILIES, MOE, TINY, perturb, tiny_model  # noqa: F401
 
 
+def rewrite_safetensors_header(path: Path, edit) -> None:
+    """Let `edit` change a safetensors file's JSON header in place (the data is kept, the header re-padded)."""
+    import json
+
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n:])
+
+
 def save_tiny(family: str, directory: Path, max_shard_size: str | None = None, **overrides) -> Path:
     model = tiny_model(family, **overrides)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

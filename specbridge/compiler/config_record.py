@@ -21,7 +21,7 @@ import json
 from collections.abc import Sequence
 
 from ..errors import SpecError
-from . import ir
+from . import compile_uncached, ir
 from .evaluate import MISSING, ConfigView, config_value, is_hf_config
 
 VERSION = 1
@@ -111,8 +111,6 @@ def record(spec, hf_config, architecture: str, fmt: str, plan: ir.Plan, source_c
     """The record of `hf_config`'s reads for `plan` (compiled from `spec` and that config), or None when the
     config cannot be recorded (a value that is not plain data, a plan with HF subtrees, which need the HF model
     class) or the plan compiled from the record differs from `plan`."""
-    from . import compile_uncached
-
     if plan.subtrees:
         return None
     recorder = _Recorder(hf_config)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from specbridge.cli import main
-from tests.support import save_tiny
+from tests.support import rewrite_safetensors_header, save_tiny
 
 CASES = [
     # HF checkpoints (import)
@@ -203,19 +203,9 @@ def _truncate(src, work, out, arg):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def _rewrite_header(path: Path, edit) -> None:
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    edit(header)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n:])
-
-
 def _header_dtype(src, work, out, arg):
     """One tensor of the shard claims the dtype `arg`."""
-    _rewrite_header(src / "model.safetensors", lambda header: header["model.norm.weight"].update(dtype=arg))
+    rewrite_safetensors_header(src / "model.safetensors", lambda header: header["model.norm.weight"].update(dtype=arg))
 
 
 def _header_garbage(src, work, out, arg):

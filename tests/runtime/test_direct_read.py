@@ -14,7 +14,7 @@ from specbridge.api import Converter
 from specbridge.errors import ConversionError
 from specbridge.runtime import direct_read, dtypes
 from specbridge.runtime.placement import local_tensors
-from tests.support import FAMILIES, save_tiny
+from tests.support import FAMILIES, rewrite_safetensors_header, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +101,6 @@ def _first_shard(hf_dir):
     return hf_dir / sorted(set(index["weight_map"].values()))[0]
 
 
-def _rewrite(path, edit):
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    edit(header)
-    encoded = json.dumps(header).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + n:])
-
-
 def test_header_beyond_the_file_is_rejected(tmp_path):
     hf_dir = save_tiny("llama", tmp_path / "hf", max_shard_size="100KB")
     shard = _first_shard(hf_dir)
@@ -120,7 +110,7 @@ def test_header_beyond_the_file_is_rejected(tmp_path):
         begin, end = header[key]["data_offsets"]
         header[key]["data_offsets"] = [begin + 10**9, end + 10**9]
 
-    _rewrite(shard, lie)
+    rewrite_safetensors_header(shard, lie)
     with pytest.raises(ConversionError, match="beyond the end of the file"):
         direct_read.read_header(shard)
 
@@ -185,7 +175,7 @@ def test_unsupported_dtype_names_the_file_tensor_and_dtype(checkpoints, tmp_path
     shard = _first_shard(hf_dir)
     weight_map = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
     key = min(k for k, file in weight_map.items() if file == shard.name)
-    _rewrite(shard, lambda header: header[key].update(dtype="F8_E8M0"))
+    rewrite_safetensors_header(shard, lambda header: header[key].update(dtype="F8_E8M0"))
     reader = _reader(hf_dir)  # with an index, a header is read when first asked
     with pytest.raises(ConversionError) as info:
         reader.shape(key)
