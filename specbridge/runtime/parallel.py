@@ -11,9 +11,11 @@ and sizes back as one frozen `Topology`; `tp_group` / `ep_group` answer megatron
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +106,8 @@ def launched_by_torchrun() -> bool:
 
 
 def _init_process_group() -> None:
-    """Create the default process group unless one exists; single-process world when not under torchrun."""
+    """Create the default process group unless one exists; single-process world when not under torchrun. A group
+    created here is destroyed when the interpreter exits (`_destroy_at_exit`)."""
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -112,10 +115,22 @@ def _init_process_group() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
-        return
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())
-    dist.init_process_group(backend=backend, rank=0, world_size=1)
+    else:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(backend=backend, rank=0, world_size=1)
+    atexit.unregister(_destroy_at_exit)  # once, however often a group is created in this process
+    atexit.register(_destroy_at_exit)
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process groups while the interpreter is still whole: a gloo group left to the interpreter's
+    teardown may have its worker threads destroyed while joinable, and the process then dies of SIGABRT
+    ("terminate called without an active exception") after its work is done."""
+    if "megatron.core.parallel_state" in sys.modules:
+        destroy_parallel()
+    elif dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _seed(seed: int) -> None:

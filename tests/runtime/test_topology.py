@@ -1,8 +1,13 @@
 """The topology before anything runs in parallel: parallel sizes refused in one line, the uneven pipeline split
-(checked against megatron-core's own layer counts), the model-size checks, global names from the module tree, and
-a spec's unknown TransformerConfig field reported at its place in the spec."""
+(checked against megatron-core's own layer counts), the model-size checks, global names from the module tree,
+a spec's unknown TransformerConfig field reported at its place in the spec, and the process groups destroyed at exit."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +156,22 @@ def test_unknown_transformer_field_is_reported_at_its_place_in_the_spec(tmp_path
     assert "mcore.transformer field 'num_layer_typo'" in message and "TransformerConfig" in message
     assert f"llama_typo.yaml:{line}:" in message and "\n" not in message
 
+
+
+def test_process_groups_are_destroyed_before_the_interpreter_exits():
+    """A gloo group left to the interpreter's teardown can abort the process after its work is done; the group
+    specbridge creates is destroyed by an exit handler (handlers run last-registered first, so one registered
+    before `init_parallel` sees the state after ours)."""
+    script = textwrap.dedent("""
+        import atexit, torch.distributed as dist
+        atexit.register(lambda: print("initialised at exit:", dist.is_initialized()))
+        from specbridge.runtime.parallel import destroy_parallel, init_parallel
+        init_parallel()
+        destroy_parallel()
+        init_parallel()  # a second group: one handler all the same
+        print("initialised:", dist.is_initialized())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["initialised: True", "initialised at exit: False"]
