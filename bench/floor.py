@@ -45,17 +45,69 @@ def worker_floor(args) -> dict:
     # write: the export writes from memory into the page cache with no sync in between, so does the floor
     # (one sync before the phase, none between shards)
     os.sync()
-    write_s = 0.0
+    buffered_s = direct_s = 0.0
     for path in shards:
         with safe_open(str(path), framework="pt") as f:
             data = {key: f.get_tensor(key).clone() for key in f.keys()}  # in memory, not mmap-backed (untimed)
         start = time.perf_counter()
         save_file(data, str(dst / path.name), metadata={"format": "pt"})
-        write_s += time.perf_counter() - start
+        buffered_s += time.perf_counter() - start
+        start = time.perf_counter()
+        write_direct(dst / f"direct-{path.name}", data, {"format": "pt"})
+        direct_s += time.perf_counter() - start
         del data
     shutil.rmtree(dst)
+    write_s = min(buffered_s, direct_s)
     return {"loadavg": os.getloadavg(), "bytes": nbytes, "read_s": read_s, "write_s": write_s, "read_cold": cold,
+            "write_buffered_s": buffered_s, "write_direct_s": direct_s,
             "read_GBps": nbytes / GB / read_s, "write_GBps": nbytes / GB / write_s}
+
+
+_CHUNK, _ALIGN = 16 << 20, 4096
+
+
+def write_direct(path: Path, tensors: dict, metadata: dict) -> None:
+    """The bytes `save_file` writes, written past the page cache (O_DIRECT) through one reused, page-aligned buffer,
+    on one thread: the other way to write a file once, and the faster one where fresh page-cache pages are dear (a
+    VM whose host takes back idle memory)."""
+    import mmap
+
+    import torch
+
+    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64",
+             torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+    header, offset = {"__metadata__": metadata}, 0
+    for key, t in tensors.items():
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+        offset += t.numel() * t.element_size()
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    streams = [torch.frombuffer(bytearray(len(encoded).to_bytes(8, "little") + encoded), dtype=torch.uint8)]
+    streams += [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors.values() if t.numel()]
+    buffer = mmap.mmap(-1, _CHUNK)
+    staged, fill, at = torch.frombuffer(buffer, dtype=torch.uint8), 0, 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        for data in streams:
+            pos = 0
+            while pos < data.numel():
+                n = min(_CHUNK - fill, data.numel() - pos)
+                staged[fill:fill + n].copy_(data[pos:pos + n])
+                fill, pos = fill + n, pos + n
+                if fill == _CHUNK:
+                    at += os.pwrite(fd, buffer, at)
+                    fill = 0
+        if fill:
+            view = memoryview(buffer)[:-(-fill // _ALIGN) * _ALIGN]
+            os.pwrite(fd, view, at)
+            view.release()
+            at += fill
+        os.ftruncate(fd, at)
+    finally:
+        os.close(fd)
+        del staged
+        buffer.close()
 
 
 def _in_file_order(path: Path) -> list[str]:

@@ -21,12 +21,13 @@ def markdown(results: dict) -> str:
              f"GPU); torch {env['torch']}, megatron-core {env['megatron_core']}, transformers {env['transformers']}, "
              f"safetensors {env['safetensors']}. Page cache: "
              + ("dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every read measurement: cold reads "
-                "as far as this machine goes (a VM's host may still cache its disk); writes go to the page cache "
-                "after one `sync`." if results["cold_cache"] else "NOT dropped (warm-cache reads).")
+                "as far as this machine goes (a VM's host may still cache its disk); buffered writes go to the page "
+                "cache after one `sync`." if results["cold_cache"] else "NOT dropped (warm-cache reads).")
              + f" Load average at start / end: {results['loadavg_start'][0]:.1f} / {results['loadavg_end'][0]:.1f}.",
              "",
              "Floor: read every tensor once (`safe_open` + `get_tensor`, copied into one reused buffer), write the "
-             "same bytes once (`save_file` per shard, from memory). The read floor is the smaller of two cold reads, "
+             "same bytes once from memory (the faster of `save_file` per shard, through the page cache, and an "
+             "O_DIRECT write through one reused aligned buffer). The read floor is the smaller of two cold reads, "
              "one before and one after the conversion. Import is compared with the read floor, export with the write "
              "floor; neither side calls fsync. "
              "Peak extra = peak anonymous RSS during the phase minus the RSS before it (for import/export the model's "

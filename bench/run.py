@@ -8,8 +8,8 @@ Steps (each conversion measurement runs in a fresh subprocess so its memory peak
   1. generate   a bf16 checkpoint with the real 26B-A4B geometry but N layers (sharded safetensors + index +
                 config.json), tensor by tensor, keys/shapes checked against transformers' Gemma4ForCausalLM on
                 the meta device; reused when it already exists with the same config.
-  2. floor      read every tensor once (safe_open + get_tensor) and write the same bytes once (save_file per
-                shard): the I/O floor a converter cannot beat.
+  2. floor      read every tensor once (safe_open + get_tensor) and write the same bytes once (the faster of
+                save_file per shard and an O_DIRECT write): the I/O floor a converter cannot beat.
   3. convert    Converter.from_pretrained -> build_model (bf16) -> import_weights -> export_weights, each timed;
                 peak anonymous memory sampled per phase; round trip compared bit for bit (untimed).
   4. compile    the full 30-layer plan, cold (fresh process) and cached.

@@ -211,7 +211,7 @@ def summarize(result: dict) -> dict:
         s["stream_vs_mb"].append(ms / ss if ms and ss else None)
         floor = runs.get("floor")
         fr = min(filter(None, (_phase(floor, "read_pread"), _phase(floor, "read_mmap"))), default=None)
-        fw = _phase(floor, "write")
+        fw = min(filter(None, (_phase(floor, "write"), _phase(floor, "write_direct"))), default=None)
         s["floor_read"].append(fr), s["floor_write"].append(fw)
         weights = _phase(sbr, "import")  # the floor is the reading alone
         s["import_vs_floor"].append(weights / fr if weights and fr else None)
@@ -250,8 +250,9 @@ def markdown(result: dict) -> str:
     lines = ["## Side by side with Megatron-Bridge", "",
              "Medians over rounds, (min–max) after them; `×` columns are MB's time / specbridge's time, paired per "
              "round (higher is better for specbridge). Floor: the faster of reading every tensor once into freshly "
-             "allocated memory (safetensors mmap + copy, or one read per tensor) and writing the same bytes once "
-             "(`save_file` per shard). Load average (1 min) over the runs: "
+             "allocated memory (safetensors mmap + copy, or one read per tensor), and the faster of writing the same "
+             "bytes once with `save_file` per shard (through the page cache) or with O_DIRECT through one reused "
+             "aligned buffer. Load average (1 min) over the runs: "
              f"{_f(_spread([x for s in result['summary'].values() for x in [s['load1']['median']] if s['load1']]), '', 1)}"
              f"; start {result['loadavg_start'][0]:.1f}, end {result['loadavg_end'][0]:.1f}.", "",
              "In process: | workload | sb import | MB import | import × | import / floor | sb export | MB export | "

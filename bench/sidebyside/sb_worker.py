@@ -17,6 +17,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -105,6 +106,9 @@ def floor(args):
 
     from specbridge.runtime.direct_read import read_header
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench.floor import write_direct as direct_floor
+
     files = sorted(f for f in os.listdir(args.hf_dir) if f.endswith(".safetensors"))
     phases = Phases()
 
@@ -138,7 +142,12 @@ def floor(args):
         for name, tensors in shards:
             save_file(tensors, os.path.join(args.out, name), metadata={"format": "pt"})
 
+    def write_direct():
+        for name, tensors in shards:
+            direct_floor(Path(args.out) / f"direct-{name}", tensors, {"format": "pt"})
+
     phases.run("write", write)
+    phases.run("write_direct", write_direct)
     phases.close()
     with open(args.json, "w") as f:
         json.dump({"phases": phases.res, "bytes": nbytes, "imports_s": None}, f)

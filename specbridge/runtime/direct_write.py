@@ -37,7 +37,8 @@ from .exporter import group_key, stats
 from .ops import _check_absent, run_export
 from .parallel import Topology
 from .placement import local_tensors, tp_of, writes_in_place
-from .safetensors_io import layout_file, pwrite_all, writers
+from .file_writes import pwrite_all, writers
+from .safetensors_io import layout_file
 
 PREFIX = "direct"
 SMALL_BLOCK_BYTES = 2 << 10  # many blocks smaller than this (a column-split tensor's rows): gathered instead

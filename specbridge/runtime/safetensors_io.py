@@ -9,7 +9,7 @@ a map of the whole file. It counts the bytes it reads (the multi-rank runtime pr
 share).
 
 Writer: tensors are added one at a time and flushed to shard files when a shard is full, so the whole model is
-never held at once. It writes into a staging directory (see `collectives.staged_output`) that becomes the
+never held at once; a shard's bytes go from the tensors' memory to the device (`file_writes`). It writes into a staging directory (see `collectives.staged_output`) that becomes the
 output only when every rank succeeded, so no half-written output is left behind.
 """
 
@@ -26,6 +26,7 @@ import torch
 from ..errors import ConversionError
 from . import dtypes
 from .direct_read import Entry, read_header
+from .file_writes import OutputFile, flat_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -203,47 +204,14 @@ def layout_file(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
     return header, offsets, at
 
 
-def _raw(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-_WRITE_BLOCK = 32 << 20
-_pool = None
-
-
-def writers():
-    """The threads that write blocks of a file in parallel (the copies into the page cache release the GIL)."""
-    global _pool
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="specbridge-write")
-    return _pool
-
-
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        done = os.pwrite(fd, data, offset)
-        data, offset = data[done:], offset + done
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """A safetensors file written straight from the tensors' memory (no serialised copy of the data): the header,
-    then every tensor's bytes at its offset, in blocks written by several threads at once."""
+    """A safetensors file written straight from the tensors' memory (no serialised copy of the whole file): the
+    header, then every tensor's bytes at its offset (`file_writes.OutputFile`)."""
     header, offsets, size = layout_file([(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()], metadata)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        blocks = [(memoryview(header), 0)]
+    with OutputFile(path, size) as out:
+        out.write(0, torch.frombuffer(bytearray(header), dtype=torch.uint8))
         for key, tensor in tensors.items():
-            raw = _raw(tensor) if tensor.numel() else memoryview(b"")
-            blocks += [(raw[i:i + _WRITE_BLOCK], offsets[key] + i) for i in range(0, len(raw), _WRITE_BLOCK)]
-        os.ftruncate(fd, size)
-        futures = [writers().submit(pwrite_all, fd, data, at) for data, at in blocks]
-        errors = [f.exception() for f in futures]  # every block finished (or failed) before the file is closed
-        if any(errors):
-            raise next(e for e in errors if e is not None)
-    finally:
-        os.close(fd)
+            out.write(offsets[key], flat_bytes(tensor))
 
 
 class _FileStack:
@@ -254,17 +222,15 @@ class _FileStack:
         self.slice_bytes = first.numel() * first.element_size()
         header, offsets, size = layout_file([(key, first.dtype, (length, *first.shape))])
         self.data_start = offsets[key]
-        self.file = open(path, "wb")
-        self.file.write(header)
-        self.file.truncate(size)
+        self.file = OutputFile(path, size)
+        self.file.write(0, torch.frombuffer(bytearray(header), dtype=torch.uint8))
 
     def write(self, index: int, tensor: torch.Tensor) -> bool:
-        self.file.seek(self.data_start + index * self.slice_bytes)
-        self.file.write(_raw(tensor))
+        self.file.write(self.data_start + index * self.slice_bytes, flat_bytes(tensor))
         self.filled.add(index)
         if len(self.filled) < self.length:
             return False
-        self.file.close()
+        self.file.__exit__(None, None, None)
         return True
 
 

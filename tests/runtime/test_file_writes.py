@@ -1,0 +1,152 @@
+"""Files written from memory (`file_writes.OutputFile`): direct (O_DIRECT through aligned staging buffers, the
+unaligned ends of the pieces assembled in blocks, the last block padded and cut off) or, where the file system
+refuses direct I/O, through the page cache; the bytes are the same either way and in any order of arrival."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specbridge.runtime import file_writes
+from specbridge.runtime.file_writes import OutputFile
+from specbridge.runtime.safetensors_io import CheckpointWriter, write_safetensors
+
+needs_direct = pytest.mark.skipif(not file_writes._O_DIRECT, reason="the platform has no O_DIRECT")
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Direct writes of two blocks at most, so that small pieces straddle chunks; fresh staging buffers."""
+    monkeypatch.setattr(file_writes, "CHUNK", 2 * file_writes.ALIGN)
+    monkeypatch.setattr(file_writes, "_buffers", None)
+    yield
+    file_writes._buffers = None  # the next user allocates buffers of the real size
+
+
+def _tensors():
+    generator = torch.Generator().manual_seed(7)
+    wide = torch.randn(37, 129, generator=generator).to(torch.bfloat16)
+    return {"a.weight": torch.randn(1001, generator=generator),  # 4004 bytes: ends just short of a block
+            "b.empty": torch.empty(0, 3),
+            "c.transposed": wide.t(),  # not contiguous
+            "d.ids": torch.arange(5000, dtype=torch.int64),  # spans several chunks
+            "e.byte": torch.tensor([3], dtype=torch.uint8)}  # the file's size is no multiple of anything
+
+
+def _spy_direct(monkeypatch) -> list[int]:
+    """The descriptors opened for direct writes."""
+    opened, real = [], OutputFile._open_direct
+
+    def spy(self):
+        fd = real(self)
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(OutputFile, "_open_direct", spy)
+    return opened
+
+
+def _same(path, tensors) -> bool:
+    loaded = load_file(path)
+    return loaded.keys() == tensors.keys() and all(
+        loaded[k].dtype == t.dtype and torch.equal(loaded[k], t) for k, t in tensors.items())
+
+
+@needs_direct
+def test_direct_write_is_byte_for_byte_the_buffered_one(tmp_path, monkeypatch):
+    tensors = _tensors()
+    opened = _spy_direct(monkeypatch)
+    write_safetensors(tmp_path / "direct.safetensors", tensors, {"format": "pt"})
+    assert opened and None not in opened, "the direct path was not taken"
+    monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
+    write_safetensors(tmp_path / "buffered.safetensors", tensors, {"format": "pt"})
+    direct, buffered = (tmp_path / "direct.safetensors").read_bytes(), (tmp_path / "buffered.safetensors").read_bytes()
+    assert direct == buffered and len(direct) % file_writes.ALIGN
+    assert _same(tmp_path / "direct.safetensors", tensors)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_pieces_in_any_order_give_the_file(tmp_path, monkeypatch, direct):
+    if not direct:
+        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
+    elif not file_writes._O_DIRECT:
+        pytest.skip("the platform has no O_DIRECT")
+    rng = random.Random(3)
+    content = torch.randint(0, 256, (100 + 37 * 1234,), dtype=torch.uint8)
+    pieces = [(0, 100)] + [(100 + i * 1234, 1234) for i in range(37)]  # a header, then 37 slices of a stack
+    rng.shuffle(pieces)
+    with OutputFile(tmp_path / "f", content.numel()) as out:
+        for at, n in pieces:
+            out.write(at, content[at:at + n].clone())
+    assert (tmp_path / "f").read_bytes() == content.numpy().tobytes()
+
+
+@needs_direct  # buffered writes assemble no blocks: there a gap is a hole of zeros
+def test_a_missing_piece_is_caught(tmp_path):
+    with pytest.raises(RuntimeError, match="never written"):
+        with OutputFile(tmp_path / "f", 3 * 1000) as out:
+            out.write(0, torch.zeros(1000, dtype=torch.uint8))
+            out.write(2000, torch.zeros(1000, dtype=torch.uint8))
+
+
+def test_large_stack_written_in_place_out_of_order(tmp_path):
+    writer = CheckpointWriter(tmp_path, max_owned_bytes=1 << 10)  # a stack of 5 x 333 floats: written in place
+    slices = [torch.randn(333) for _ in range(5)]
+    for index in (3, 0, 4, 1, 2):
+        done = writer.add_slice("experts.w", index, 5, slices[index])
+    writer.add("norm", torch.randn(7))
+    weight_map = writer.finish()
+    assert done and len(set(weight_map.values())) == 2
+    stacked = load_file(tmp_path / weight_map["experts.w"])["experts.w"]
+    assert torch.equal(stacked, torch.stack(slices))
+
+
+def test_file_system_without_direct_io_is_written_through_the_page_cache(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_direct(path, flag, *args):
+        if flag & file_writes._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flag, *args)
+
+    monkeypatch.setattr(file_writes.os, "open", no_direct)
+    opened = _spy_direct(monkeypatch)
+    tensors = _tensors()
+    write_safetensors(tmp_path / "m.safetensors", tensors, {"format": "pt"})
+    assert opened == [None] and _same(tmp_path / "m.safetensors", tensors)
+
+
+@needs_direct
+def test_direct_write_refused_part_way_is_made_buffered(tmp_path, monkeypatch):
+    opened, real = _spy_direct(monkeypatch), file_writes.pwrite_all
+    refused = []
+
+    def refuse_direct(fd, data, offset):
+        if fd in opened:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(file_writes, "pwrite_all", refuse_direct)
+    tensors = _tensors()
+    write_safetensors(tmp_path / "m.safetensors", tensors, {"format": "pt"})
+    assert refused and _same(tmp_path / "m.safetensors", tensors)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_full_disk_is_not_retried(tmp_path, monkeypatch, direct):
+    if not direct:
+        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_writes, "pwrite_all", full)
+    with pytest.raises(OSError) as info:
+        write_safetensors(tmp_path / "m.safetensors", _tensors(), {"format": "pt"})
+    assert info.value.errno == errno.ENOSPC
