@@ -4,9 +4,8 @@ pre-laid-out safetensors files. Nothing is gathered.
 The inverse of `direct_read`: for a mapping whose program only places parts (the mappings `plan_reads` places:
 `Fuse`, plain copies, absent parts; no arithmetic, no dtype change), `plan_reads` against the HF tensor's place in
 its file says where every byte of this rank's local tensor lies there, cut into contiguous blocks; each block is
-written from the parameter's own memory (`file_writes.OutputFile`, shared: whole 4 KiB blocks O_DIRECT, the ends
-that share a block with another rank's bytes through the page cache). A vocab-split plain copy (embedding, output
-layer) is one block per rank, its padding rows left out. Absent parts are checked on each rank's own slice.
+one `os.pwrite` from the parameter's own memory. A vocab-split plain copy (embedding, output layer) is one block
+per rank, its padding rows left out. Absent parts are checked on each rank's own slice.
 
 The layout comes first, the same on every rank: each rank describes the HF tensors of the placeable mappings it
 holds (their shapes from the derived program run on a meta tensor of the global Megatron shape); the descriptions
@@ -21,7 +20,6 @@ are agreed on by all ranks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -39,11 +37,12 @@ from .exporter import group_key, stats
 from .ops import _check_absent, run_export
 from .parallel import Topology
 from .placement import local_tensors, tp_of, writes_in_place
-from .file_writes import OutputFile, pwrite_all
+from .file_writes import pwrite_all, writers
 from .safetensors_io import layout_file
 
 PREFIX = "direct"
 SMALL_BLOCK_BYTES = 2 << 10  # many blocks smaller than this (a column-split tensor's rows): gathered instead
+_BATCH_BYTES = 32 << 20
 _PLACING = (ir.Split, ir.SplitSource, ir.CheckAbsent)  # the export ops that only cut a tensor into parts
 
 
@@ -67,9 +66,8 @@ def export_placed(chunks, plan: ir.Plan, staging, topology: Topology, hf_dtype: 
         error = ConversionError(f"cannot write '{staging}': {exc}", rank=topology.rank)
     agree(error)  # every header is written (and every file sized) before any rank writes data
     try:
-        sizes = {name: size for name, _, size in files}
-        written = _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets, shapes, sizes,
-                                vocab_rows, check_absent)
+        written = _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets, shapes, vocab_rows,
+                                check_absent)
         stats.placed_bytes += written
     except ConversionError as exc:
         error = exc.located(rank=topology.rank)
@@ -202,15 +200,15 @@ def _blocks(mapping, tensor, topology, entries, vocab_rows, check_absent) -> tup
     return plan.reads
 
 
-def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets, shapes, sizes, vocab_rows,
+def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets, shapes, vocab_rows,
                   check_absent) -> int:
-    """Write this rank's blocks of every placed mapping it writes into the shared files; the bytes written."""
+    """pwrite this rank's blocks of every placed mapping it writes; the bytes written."""
 
     def entries(key):
         return weight_map[key], Entry(dtypes.SAFETENSORS[shapes[key][0]], tuple(shapes[key][1]), offsets[key])
 
-    with contextlib.ExitStack() as files:
-        outputs, written = {}, 0
+    fds, jobs, batch, batch_bytes, written = {}, [], [], 0, 0
+    try:
         for i in sorted(placed):
             mapping = plan.mappings[i]
             if mapping.mcore not in tensors:
@@ -219,12 +217,33 @@ def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets,
             if not writes_in_place(topology, mapping, size > 1 and mapping.shard.kind != "replicated"):
                 continue
             tensor = tensors[mapping.mcore].detach()
-            flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else None
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else None
             for r in _blocks(mapping, tensor, topology, entries, vocab_rows, check_absent):
                 if r.nbytes == 0:
                     continue
-                if r.file not in outputs:
-                    outputs[r.file] = files.enter_context(OutputFile(staging / r.file, sizes[r.file], shared=True))
-                outputs[r.file].write(r.offset, flat[r.into:r.into + r.nbytes])
+                if r.file not in fds:
+                    fds[r.file] = os.open(staging / r.file, os.O_WRONLY)
+                for start in range(0, r.nbytes, _BATCH_BYTES):  # a large block shared by the threads
+                    n = min(_BATCH_BYTES, r.nbytes - start)
+                    batch.append((fds[r.file], buffer[r.into + start:r.into + start + n], r.offset + start))
+                    batch_bytes += n
+                    if batch_bytes >= _BATCH_BYTES:
+                        jobs.append(writers().submit(_write_all, batch))
+                        batch, batch_bytes = [], 0
                 written += r.nbytes
+        if batch:
+            jobs.append(writers().submit(_write_all, batch))
+        errors = [job.exception() for job in jobs]  # every write finished (or failed) before the files close
+        if any(errors):
+            raise next(e for e in errors if e is not None)
+    finally:
+        for job in jobs:
+            job.exception()
+        for fd in fds.values():
+            os.close(fd)
     return written
+
+
+def _write_all(batch) -> None:
+    for fd, data, offset in batch:
+        pwrite_all(fd, data, offset)

@@ -81,17 +81,13 @@ def _up(offset: int) -> int:
 
 class OutputFile:
     """A file of `size` bytes, each written once by `write(offset, bytes)` in any order; `with` waits for every
-    write and, when the block ends without error, checks that no byte is missing and sets the file's size.
+    write and, when the block ends without error, checks that no byte is missing and sets the file's size."""
 
-    `shared`: the file exists, already sized, and other processes write the rest of it (a multi-rank export in
-    place); the ends of this process's pieces that share a block with theirs go through the page cache at once,
-    since no process sees such a block whole."""
-
-    def __init__(self, path: str | Path, size: int, shared: bool = False):
-        self.path, self.size, self.shared = Path(path), size, shared
-        self._fd = os.open(path, os.O_WRONLY if shared else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    def __init__(self, path: str | Path, size: int):
+        self.path, self.size = Path(path), size
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._direct_fd = self._open_direct()
-        if self._direct_fd is None and not shared:
+        if self._direct_fd is None:
             os.ftruncate(self._fd, size)
         self._blocks: dict[int, tuple[bytearray, int]] = {}  # block offset -> (its bytes, how many arrived)
         self._futures: list[Future] = []
@@ -127,10 +123,6 @@ class OutputFile:
 
     def _assemble(self, offset: int, data: torch.Tensor) -> None:
         """Bytes that share their blocks with other writes: kept until each block is whole, then written."""
-        if self.shared:
-            if data.numel():
-                self._submit(self._write_buffered, offset, data)
-            return
         pos = 0
         while pos < data.numel():
             block = _down(offset + pos)
@@ -184,8 +176,7 @@ class OutputFile:
                     raise next(e for e in errors if e is not None)
                 if self._blocks:
                     raise RuntimeError(f"'{self.path}': bytes never written in the blocks at {sorted(self._blocks)}")
-                if not self.shared:
-                    os.ftruncate(self._fd, self.size)
+                os.ftruncate(self._fd, self.size)
         finally:
             os.close(self._fd)
             if self._direct_fd is not None:

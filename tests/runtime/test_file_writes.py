@@ -86,21 +86,6 @@ def test_pieces_in_any_order_give_the_file(tmp_path, monkeypatch, direct):
     assert (tmp_path / "f").read_bytes() == content.numpy().tobytes()
 
 
-def test_a_file_shared_by_two_writers(tmp_path):
-    """A multi-rank export in place: the file is sized first, then each writer writes its own pieces, whose ends
-    share blocks with the other's."""
-    content = torch.randint(0, 256, (5 * 4096 + 777,), dtype=torch.uint8)
-    cuts = [0, 1000, 4096, 9000, 9001, 16384, content.numel()]
-    path = tmp_path / "f"
-    with open(path, "wb") as f:
-        f.truncate(content.numel())
-    size = content.numel()
-    with OutputFile(path, size, shared=True) as first, OutputFile(path, size, shared=True) as second:
-        for n, (start, end) in enumerate(zip(cuts, cuts[1:])):
-            (first if n % 2 else second).write(start, content[start:end])
-    assert path.read_bytes() == content.numpy().tobytes()
-
-
 @needs_direct  # buffered writes assemble no blocks: there a gap is a hole of zeros
 def test_a_missing_piece_is_caught(tmp_path):
     with pytest.raises(RuntimeError, match="never written"):
