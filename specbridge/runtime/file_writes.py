@@ -9,12 +9,14 @@ the copy into the staging buffers included (into pages the guest had just freed,
 direct write also leaves nothing dirty behind: the output is on the device when the command returns, and the
 page cache keeps what it held.
 
-How: direct I/O wants offsets, lengths and memory aligned to the device's block. The aligned middle of every
-piece is copied, CHUNK bytes at a time, into page-aligned staging buffers (one per writer thread, allocated once)
-and written from there; the unaligned ends are assembled in ALIGN-sized blocks that are written once all of their
-bytes have arrived (a block shared by two tensors, or two experts' slices of one stack). The file's last block is
-padded and the padding cut off by truncating the file to its size. A direct write the file system refuses part
-way (EINVAL) is made through the page cache instead.
+How: direct I/O wants offsets, lengths and memory aligned to the device's block. Bytes that continue the previous
+write are copied onto the end of a run of page-aligned staging buffers (CHUNK bytes each, two per writer thread,
+allocated once and reused), each written as soon as it is full, so a shard of many small tensors still goes out
+in large writes. A write elsewhere (a slice of a stack arriving out of order) ends the run and starts another.
+The bytes of a block shared with bytes not yet written (where a run starts or ends) are assembled in a block of
+their own and written once the block is whole. The file's last block is padded and the padding cut off by
+truncating the file to its size. A direct write the file system refuses part way (EINVAL) is made through the
+page cache instead.
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ def _threads() -> int:
 
 
 def _staging_buffers() -> queue.SimpleQueue:
-    """One page-aligned CHUNK-sized buffer per writer thread, allocated once and reused (its pages stay warm)."""
+    """Two page-aligned CHUNK-sized buffers per writer thread (one filling while one is written), allocated once
+    and reused (their pages stay warm)."""
     global _buffers
     if _buffers is None:
         _buffers = queue.SimpleQueue()
-        for _ in range(_threads()):
+        for _ in range(2 * _threads()):
             _buffers.put(mmap.mmap(-1, CHUNK))
     return _buffers
 
@@ -89,9 +92,10 @@ class OutputFile:
         self._direct_fd = self._open_direct()
         if self._direct_fd is None:
             os.ftruncate(self._fd, size)
-        self._blocks: dict[int, tuple[bytearray, int]] = {}  # block offset -> (its bytes, how many arrived)
+        self._run: tuple[mmap.mmap, int, int] | None = None  # (staging buffer, its aligned file offset, bytes in)
+        self._blocks: dict[int, tuple[mmap.mmap, int]] = {}  # block offset -> (its bytes, how many arrived)
         self._futures: list[Future] = []
-        self._in_flight = threading.BoundedSemaphore(2 * _threads())  # bounds the memory the queued writes hold
+        self._in_flight = threading.BoundedSemaphore(2 * _threads())  # bounds the memory queued writes hold
 
     def _open_direct(self) -> int | None:
         if not _O_DIRECT:
@@ -104,7 +108,9 @@ class OutputFile:
             return None
 
     def write(self, offset: int, data: torch.Tensor) -> None:
-        """The bytes `data` (a flat uint8 tensor, kept alive until written) at `offset`."""
+        """The bytes `data` (a flat uint8 tensor) at `offset`. Direct: copied before this returns, into the run of
+        staging buffers when they continue the previous write, else into a new run whose head block is assembled.
+        Buffered: written from `data` itself, kept alive until then."""
         end = offset + data.numel()
         if not 0 <= offset <= end <= self.size:
             raise ValueError(f"bytes {offset}:{end} are outside '{self.path}' ({self.size} bytes)")
@@ -112,55 +118,80 @@ class OutputFile:
             for i in range(0, data.numel(), BUFFERED_BLOCK):
                 self._submit(self._write_buffered, offset + i, data[i:i + BUFFERED_BLOCK])
             return
-        low, high = _up(offset), _down(end)
-        if low >= high:  # no whole block inside: the bytes all go to the (one or two) blocks they touch
-            self._assemble(offset, data)
+        if self._run is None or offset != self._run[1] + self._run[2]:
+            self._end_run()
+            head = min(_up(offset) - offset, data.numel())  # up to the next block boundary: shared with others
+            self._assemble(offset, data[:head])
+            data, offset = data[head:], offset + head
+            if not data.numel():
+                return
+            self._run = (_staging_buffers().get(), offset, 0)
+        self._extend(data)
+
+    def _extend(self, data: torch.Tensor) -> None:
+        """Copy `data` onto the end of the run, writing each staging buffer once it is full."""
+        buffer, start, filled = self._run
+        pos = 0
+        while pos < data.numel():
+            count = min(CHUNK - filled, data.numel() - pos)
+            torch.frombuffer(buffer, dtype=torch.uint8)[filled:filled + count].copy_(data[pos:pos + count])
+            filled, pos = filled + count, pos + count
+            if filled == CHUNK:
+                self._submit(self._write_direct, buffer, start, CHUNK, True)
+                buffer, start, filled = _staging_buffers().get(), start + CHUNK, 0
+        self._run = (buffer, start, filled)
+
+    def _end_run(self) -> None:
+        """Write the run's whole blocks; its last, partial block is assembled with the bytes that follow it."""
+        if self._run is None:
             return
-        self._assemble(offset, data[:low - offset])
-        self._assemble(high, data[high - offset:])
-        for start in range(low, high, CHUNK):
-            self._submit(self._write_direct, start, data[start - offset:min(start + CHUNK, high) - offset])
+        buffer, start, filled = self._run
+        self._run = None
+        whole = _down(filled)
+        if filled > whole:
+            self._assemble(start + whole, torch.frombuffer(buffer, dtype=torch.uint8)[whole:filled])
+        if whole:
+            self._submit(self._write_direct, buffer, start, whole, True)
+        else:
+            _staging_buffers().put(buffer)
 
     def _assemble(self, offset: int, data: torch.Tensor) -> None:
-        """Bytes that share their blocks with other writes: kept until each block is whole, then written."""
+        """Bytes that share their blocks with other writes: kept (in a page-aligned block of their own) until each
+        block is whole, then written."""
         pos = 0
         while pos < data.numel():
             block = _down(offset + pos)
             into = offset + pos - block
             count = min(ALIGN - into, data.numel() - pos)
-            buffer, arrived = self._blocks.pop(block, None) or (bytearray(ALIGN), 0)
-            memoryview(buffer)[into:into + count] = data[pos:pos + count].numpy()
+            buffer, arrived = self._blocks.pop(block, None) or (mmap.mmap(-1, ALIGN), 0)
+            torch.frombuffer(buffer, dtype=torch.uint8)[into:into + count].copy_(data[pos:pos + count])
             arrived += count
             if arrived == min(ALIGN, self.size - block):
-                self._submit(self._write_direct, block, torch.frombuffer(buffer, dtype=torch.uint8)[:arrived])
+                self._submit(self._write_direct, buffer, block, arrived, False)
             else:
                 self._blocks[block] = (buffer, arrived)
             pos += count
 
-    def _submit(self, write, offset: int, data: torch.Tensor) -> None:
+    def _submit(self, write, *args) -> None:
         self._in_flight.acquire()
-        future = writers().submit(write, offset, data)
+        future = writers().submit(write, *args)
         future.add_done_callback(lambda _: self._in_flight.release())
         self._futures.append(future)
 
-    def _write_direct(self, offset: int, data: torch.Tensor) -> None:
-        """Copy `data` into a staging buffer and write it direct (the file's last block padded to ALIGN)."""
-        buffers = _staging_buffers()
-        buffer = buffers.get()
+    def _write_direct(self, buffer: mmap.mmap, offset: int, length: int, staging: bool) -> None:
+        """Write `length` bytes of an aligned buffer direct (the file's last block padded to ALIGN); a staging
+        buffer goes back to the pool after."""
         try:
-            torch.frombuffer(buffer, dtype=torch.uint8)[:data.numel()].copy_(data)
             with memoryview(buffer) as whole:
-                view = whole[:_up(data.numel())]
                 try:
-                    pwrite_all(self._direct_fd, view, offset)
+                    pwrite_all(self._direct_fd, whole[:_up(length)], offset)
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:  # refused (an alignment this device does not take): buffered
                         raise
-                    self._write_buffered(offset, data)
-                finally:
-                    view.release()
+                    pwrite_all(self._fd, whole[:length], offset)
         finally:
-            buffers.put(buffer)
+            if staging:
+                _staging_buffers().put(buffer)
 
     def _write_buffered(self, offset: int, data: torch.Tensor) -> None:
         pwrite_all(self._fd, memoryview(data.numpy()), offset)
@@ -170,6 +201,11 @@ class OutputFile:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
+            if exc_type is None:
+                self._end_run()
+            elif self._run is not None:
+                _staging_buffers().put(self._run[0])
+                self._run = None
             errors = [f.exception() for f in self._futures]  # every write finished (or failed) before the close
             if exc_type is None:
                 if any(errors):

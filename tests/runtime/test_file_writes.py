@@ -70,6 +70,25 @@ def test_direct_write_is_byte_for_byte_the_buffered_one(tmp_path, monkeypatch):
     assert _same(tmp_path / "direct.safetensors", tensors)
 
 
+@needs_direct
+def test_small_tensors_go_out_in_large_writes(tmp_path, monkeypatch):
+    """Tensors that follow one another are copied into one run of staging buffers: a shard of many small tensors
+    is written in CHUNK-sized writes, not one or three per tensor."""
+    opened, real, writes = _spy_direct(monkeypatch), file_writes.pwrite_all, []
+
+    def count(fd, data, offset):
+        if fd in opened:
+            writes.append(len(data))
+        real(fd, data, offset)
+
+    monkeypatch.setattr(file_writes, "pwrite_all", count)
+    tensors = {f"t{i}": torch.randn(250) for i in range(60)}  # 1000 bytes each
+    write_safetensors(tmp_path / "m.safetensors", tensors, {"format": "pt"})
+    size = (tmp_path / "m.safetensors").stat().st_size
+    assert _same(tmp_path / "m.safetensors", tensors)
+    assert len(writes) <= -(-size // file_writes.CHUNK) + 1 and sum(writes) == -(-size // file_writes.ALIGN) * 4096
+
+
 @pytest.mark.parametrize("direct", [True, False])
 def test_pieces_in_any_order_give_the_file(tmp_path, monkeypatch, direct):
     if not direct:
