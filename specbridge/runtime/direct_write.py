@@ -34,10 +34,10 @@ from . import dtypes
 from .collectives import agree, gather_objects
 from .direct_read import Entry, Read, placeable, plan_reads
 from .exporter import group_key, stats
+from .file_writes import pwrite_all, writers
 from .ops import _check_absent, run_export
 from .parallel import Topology
 from .placement import local_tensors, tp_of, writes_in_place
-from .file_writes import pwrite_all, writers
 from .safetensors_io import layout_file
 
 PREFIX = "direct"

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 ALIGN = 4096  # the largest logical block size direct I/O asks offsets, lengths and memory to be a multiple of
-CHUNK = 16 << 20  # one direct write of a piece's aligned middle: a multiple of ALIGN
+CHUNK = 16 << 20  # one staging buffer, written direct once full: a multiple of ALIGN
 BUFFERED_BLOCK = 32 << 20  # one buffered write, so that the threads share a large tensor
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: every write is buffered
@@ -200,14 +200,18 @@ class OutputFile:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
+
+    def close(self, failed: bool = False) -> None:
+        """Wait for every write and close the file; unless `failed`, check it is whole and set its size."""
         try:
-            if exc_type is None:
+            if not failed:
                 self._end_run()
             elif self._run is not None:
                 _staging_buffers().put(self._run[0])
                 self._run = None
             errors = [f.exception() for f in self._futures]  # every write finished (or failed) before the close
-            if exc_type is None:
+            if not failed:
                 if any(errors):
                     raise next(e for e in errors if e is not None)
                 if self._blocks:

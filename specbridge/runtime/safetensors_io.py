@@ -9,8 +9,9 @@ a map of the whole file. It counts the bytes it reads (the multi-rank runtime pr
 share).
 
 Writer: tensors are added one at a time and flushed to shard files when a shard is full, so the whole model is
-never held at once; a shard's bytes go from the tensors' memory to the device (`file_writes`). It writes into a staging directory (see `collectives.staged_output`) that becomes the
-output only when every rank succeeded, so no half-written output is left behind.
+never held at once; a shard's bytes go from the tensors' memory to the device (`file_writes`). It writes into a
+staging directory (see `collectives.staged_output`) that becomes the output only when every rank succeeded, so no
+half-written output is left behind.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ class _FileStack:
         self.filled.add(index)
         if len(self.filled) < self.length:
             return False
-        self.file.__exit__(None, None, None)
+        self.file.close()
         return True
 
 
