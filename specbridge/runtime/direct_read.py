@@ -237,7 +237,7 @@ def _plan_parts(target, parts, copies, small_block_bytes) -> FillPlan | None:
         if math.prod(shape[:k]) > MANY_BLOCKS and math.prod(shape[k:]) * entry.dtype.itemsize < small_block_bytes:
             return None  # e.g. the rows of a column-split expert: one strided copy beats a read per row
         reads += _blocks(file, entry, src, dst, base)
-    return FillPlan(tuple(_coalesce(reads)), copies)
+    return FillPlan(tuple(coalesce(reads)), copies)
 
 
 def _contiguous_tail(shape, strides) -> int:
@@ -257,14 +257,18 @@ def _blocks(file: str, entry: Entry, src: torch.Tensor, dst: torch.Tensor, base:
     nbytes = math.prod(shape[k:]) * item
     if nbytes == 0:
         return
-    src_strides, dst_strides = src.stride()[:k], dst.stride()[:k]
-    for index in itertools.product(*map(range, shape[:k])):
-        s = src.storage_offset() + sum(i * st for i, st in zip(index, src_strides))
-        d = dst.storage_offset() - base + sum(i * st for i, st in zip(index, dst_strides))
-        yield Read(file, entry.offset + s * item, d * item, nbytes)
+    # the element offsets of every block, over the index grid of the first k dims (the first slowest)
+    s = torch.tensor([src.storage_offset()], dtype=torch.int64)
+    d = torch.tensor([dst.storage_offset() - base], dtype=torch.int64)
+    for extent, s_stride, d_stride in zip(shape[:k], src.stride(), dst.stride()):
+        steps = torch.arange(extent, dtype=torch.int64)
+        s = (s[:, None] + steps * s_stride).reshape(-1)
+        d = (d[:, None] + steps * d_stride).reshape(-1)
+    for at, into in zip((s * item + entry.offset).tolist(), (d * item).tolist()):
+        yield Read(file, at, into, nbytes)
 
 
-def _coalesce(reads: list[Read]):
+def coalesce(reads: list[Read]):
     """Adjacent blocks (next in the file and next in memory) become one read."""
     current = None
     for r in reads:

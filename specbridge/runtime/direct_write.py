@@ -3,23 +3,27 @@ pre-laid-out safetensors files. Nothing is gathered.
 
 The inverse of `direct_read`: for a mapping whose program only places parts (the mappings `plan_reads` places:
 `Fuse`, plain copies, absent parts; no arithmetic, no dtype change), `plan_reads` against the HF tensor's place in
-its file says where every byte of this rank's local tensor lies there, cut into contiguous blocks; each block is
-one `os.pwrite` from the parameter's own memory. A vocab-split plain copy (embedding, output layer) is one block
-per rank, its padding rows left out. Absent parts are checked on each rank's own slice.
+its file says where every byte of this rank's local tensor lies there, cut into contiguous blocks. A large block's
+whole 4 KiB blocks go out direct (`file_writes.OutputFile.write_blocks`); its ends, which share a block with another
+write, small blocks and the headers are written through the page cache (from the parameters' own memory) once
+every rank's direct writes are done (a buffered write beside direct ones costs every direct write a writeback of the
+pages they share). A vocab-split plain copy (embedding, output layer) is one block per rank, its padding rows left
+out. Absent parts are checked on each rank's own slice.
 
 The layout comes first, the same on every rank: each rank describes the HF tensors of the placeable mappings it
 holds (their shapes from the derived program run on a meta tensor of the global Megatron shape); the descriptions
 (metadata only) are all-gathered; every rank then lays the files out from them alike: the placed HF tensors in
 plan order, packed into shards of at most `max_shard_bytes`. A mapping is placed only when every rank holding it
 can place it, every HF tensor it writes is placed whole (a stacked experts tensor: all of its experts) and so is
-the rest of its export group; everything else is left to the exporter's gather path. One rank writes each file's
-header and sets its size; then every rank writes its blocks: a TP-split tensor's slices each by its own rank, a
+the rest of its export group; everything else is left to the exporter's gather path. One rank creates each file at
+its size; then every rank writes its blocks: a TP-split tensor's slices each by its own rank, a
 replicated tensor by one rank (spread over the TP ranks by name), one data-parallel replica's copy only. Errors
 are agreed on by all ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -32,9 +36,9 @@ from ..compiler.layouts import LayoutError
 from ..errors import ConversionError
 from . import dtypes
 from .collectives import agree, gather_objects
-from .direct_read import Entry, Read, placeable, plan_reads
+from .direct_read import Entry, Read, coalesce, placeable, plan_reads
 from .exporter import group_key, stats
-from .file_writes import pwrite_all, writers
+from .file_writes import OutputFile, pwrite_all, writers
 from .ops import _check_absent, run_export
 from .parallel import Topology
 from .placement import local_tensors, tp_of, writes_in_place
@@ -42,6 +46,7 @@ from .safetensors_io import layout_file
 
 PREFIX = "direct"
 SMALL_BLOCK_BYTES = 2 << 10  # many blocks smaller than this (a column-split tensor's rows): gathered instead
+DIRECT_BYTES = 1 << 20  # a block at least this large is written direct (but for its ends); smaller ones buffered
 _BATCH_BYTES = 32 << 20
 _PLACING = (ir.Split, ir.SplitSource, ir.CheckAbsent)  # the export ops that only cut a tensor into parts
 
@@ -53,9 +58,10 @@ def export_placed(chunks, plan: ir.Plan, staging, topology: Topology, hf_dtype: 
     tensors = local_tensors(chunks)
     vocab_rows = plan.model_kwargs().get("vocab_size")
     lengths = dict(plan.stacks)
-    described = {i: _describe(m, tensors[m.mcore].detach(), topology, hf_dtype, vocab_rows, lengths)
-                 for i, m in enumerate(plan.mappings) if m.mcore in tensors}
-    placed, shapes = _agreed(plan, gather_objects(described))
+    found = {i: _describe(m, tensors[m.mcore].detach(), topology, hf_dtype, vocab_rows, lengths)
+             for i, m in enumerate(plan.mappings) if m.mcore in tensors}
+    placed, shapes = _agreed(plan, gather_objects({i: f and f[0] for i, f in found.items()}))
+    relative = {i: f[1] for i, f in found.items() if f is not None}
     weight_map, offsets, files, total = _layout(plan, placed, shapes, max_shard_bytes)
     error = None
     try:
@@ -65,12 +71,21 @@ def export_placed(chunks, plan: ir.Plan, staging, topology: Topology, hf_dtype: 
     except OSError as exc:
         error = ConversionError(f"cannot write '{staging}': {exc}", rank=topology.rank)
     agree(error)  # every header is written (and every file sized) before any rank writes data
+    headers = [(name, 0, memoryview(header)) for n, (name, header, _) in enumerate(files)
+               if n % topology.world_size == topology.rank]
+    sizes = {name: size for name, _, size in files}
+    ends = []
     try:
-        written = _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets, shapes, vocab_rows,
-                                check_absent)
+        written, ends = _write_blocks(plan, placed, relative, tensors, topology, staging, weight_map, offsets,
+                                      shapes, sizes, vocab_rows, check_absent)
         stats.placed_bytes += written
     except ConversionError as exc:
         error = exc.located(rank=topology.rank)
+    except OSError as exc:
+        error = ConversionError(f"cannot write '{staging}': {exc}", rank=topology.rank)
+    agree(error)  # no rank writes direct any more: the bytes of shared blocks go through the page cache
+    try:
+        _write_buffered(staging, headers + ends)
     except OSError as exc:
         error = ConversionError(f"cannot write '{staging}': {exc}", rank=topology.rank)
     agree(error)
@@ -81,8 +96,9 @@ def export_placed(chunks, plan: ir.Plan, staging, topology: Topology, hf_dtype: 
 
 
 def _describe(mapping: ir.Mapping, tensor: torch.Tensor, topology: Topology, hf_dtype, vocab_rows, lengths):
-    """{HF key: (dtype name, shape)} of this rank's tensor of `mapping` when its bytes can be placed (None
-    otherwise): the shapes the derived program gives for the global Megatron tensor."""
+    """({HF key: (dtype name, shape)}, its blocks) for this rank's tensor of `mapping` when its bytes can be placed
+    (None otherwise): the shapes the derived program gives for the global Megatron tensor, and the `plan_reads` of
+    the tensor against HF tensors laid out at offset 0 of files named by their keys (None for a vocab split)."""
     if hf_dtype is not None and tensor.dtype != hf_dtype or not tensor.is_contiguous() \
             or tensor.dtype not in dtypes.NAMES:
         return None
@@ -93,7 +109,7 @@ def _describe(mapping: ir.Mapping, tensor: torch.Tensor, topology: Topology, hf_
         if not plain or mapping.sources[0].index is not None or vocab_rows is None or not tensor.dim() \
                 or not 0 < vocab_rows <= tensor.shape[0] * size:
             return None
-        return {mapping.sources[0].key: (name, (vocab_rows, *tensor.shape[1:]))}
+        return {mapping.sources[0].key: (name, (vocab_rows, *tensor.shape[1:]))}, None
     if not placeable(mapping) or not all(isinstance(op, _PLACING) for op in mapping.mcore_to_hf):
         return None
     shape = list(tensor.shape)
@@ -112,7 +128,7 @@ def _describe(mapping: ir.Mapping, tensor: torch.Tensor, topology: Topology, hf_
         found = plan_reads(tensor, mapping, lambda k: (k, entries[k]), rank, size, SMALL_BLOCK_BYTES)
     except ConversionError:
         return None
-    return out if found is not None else None
+    return (out, found) if found is not None else None
 
 
 def _agreed(plan: ir.Plan, described: list[dict]):
@@ -170,45 +186,50 @@ def _layout(plan: ir.Plan, placed: set[int], shapes: dict, max_shard_bytes: int)
 
 
 def _create(path, header: bytes, size: int) -> None:
+    """The file at its size (its header is written with the shared blocks, after the direct writes)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        pwrite_all(fd, memoryview(header), 0)
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
 
 
-def _blocks(mapping, tensor, topology, entries, vocab_rows, check_absent) -> tuple[Read, ...]:
-    """This rank's blocks of `mapping` (its absent parts checked on its own slice first)."""
+def _blocks(mapping, relative, tensor, topology, entries, vocab_rows, check_absent) -> list[Read]:
+    """This rank's blocks of `mapping` in the files, from its `relative` blocks (`_describe`), its absent parts
+    checked on its own slice first."""
     rank, size = tp_of(topology, mapping)
     if mapping.shard.kind == "vocab":
         file, entry = entries(mapping.sources[0].key)
         rows = tensor.shape[0]
         row_bytes = math.prod(tensor.shape[1:]) * tensor.element_size()
         count = max(0, min(rows, vocab_rows - rank * rows))
-        return (Read(file, entry.offset + rank * rows * row_bytes, 0, count * row_bytes),)
-    plan = plan_reads(tensor, mapping, entries, rank, size, SMALL_BLOCK_BYTES)
-    if plan is None:
-        raise ConversionError("the direct write plan changed between layout and write", key=mapping.mcore)
+        return [Read(file, entry.offset + rank * rows * row_bytes, 0, count * row_bytes)]
     if check_absent:
         checks = [op for op in mapping.mcore_to_hf if isinstance(op, ir.CheckAbsent)]
         for op in checks:
             fill = next(i for i, f in enumerate(o for o in mapping.hf_to_mcore if isinstance(o, ir.FillAbsent))
                         if f.part == op.part)
-            dst, src = plan.copies[fill]
+            dst, src = relative.copies[fill]
             _check_absent(op, {op.part: dst, op.source_part: src if src is not None else dst}, mapping)
-    return plan.reads
+    blocks = []
+    for r in relative.reads:
+        file, entry = entries(r.file)
+        blocks.append(Read(file, entry.offset + r.offset, r.into, r.nbytes))
+    return list(coalesce(blocks))
 
 
-def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets, shapes, vocab_rows,
-                  check_absent) -> int:
-    """pwrite this rank's blocks of every placed mapping it writes; the bytes written."""
+def _write_blocks(plan, placed, relative, tensors, topology, staging, weight_map, offsets, shapes, sizes,
+                  vocab_rows, check_absent) -> tuple[int, list]:
+    """Write this rank's blocks of every placed mapping it writes: the whole 4 KiB blocks of each large one direct
+    (`OutputFile.write_blocks`). Returns (the bytes placed, [(file, offset, bytes)] left to write through the page
+    cache: small blocks, and the ends of large ones, which share a block with bytes of another write)."""
 
     def entries(key):
         return weight_map[key], Entry(dtypes.SAFETENSORS[shapes[key][0]], tuple(shapes[key][1]), offsets[key])
 
-    fds, jobs, batch, batch_bytes, written = {}, [], [], 0, 0
-    try:
+    ends, written = [], 0
+    with contextlib.ExitStack() as files:
+        outputs = {}
         for i in sorted(placed):
             mapping = plan.mappings[i]
             if mapping.mcore not in tensors:
@@ -217,20 +238,38 @@ def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets,
             if not writes_in_place(topology, mapping, size > 1 and mapping.shard.kind != "replicated"):
                 continue
             tensor = tensors[mapping.mcore].detach()
-            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else None
-            for r in _blocks(mapping, tensor, topology, entries, vocab_rows, check_absent):
+            flat = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else None
+            buffer = memoryview(flat.numpy()) if flat is not None else None
+            for r in _blocks(mapping, relative[i], tensor, topology, entries, vocab_rows, check_absent):
                 if r.nbytes == 0:
                     continue
-                if r.file not in fds:
-                    fds[r.file] = os.open(staging / r.file, os.O_WRONLY)
-                for start in range(0, r.nbytes, _BATCH_BYTES):  # a large block shared by the threads
-                    n = min(_BATCH_BYTES, r.nbytes - start)
-                    batch.append((fds[r.file], buffer[r.into + start:r.into + start + n], r.offset + start))
-                    batch_bytes += n
-                    if batch_bytes >= _BATCH_BYTES:
-                        jobs.append(writers().submit(_write_all, batch))
-                        batch, batch_bytes = [], 0
                 written += r.nbytes
+                if r.nbytes < DIRECT_BYTES:
+                    ends.append((r.file, r.offset, buffer[r.into:r.into + r.nbytes]))
+                    continue
+                if r.file not in outputs:
+                    outputs[r.file] = files.enter_context(OutputFile(staging / r.file, sizes[r.file], shared=True))
+                parts = outputs[r.file].write_blocks(r.offset, flat[r.into:r.into + r.nbytes])
+                ends += [(r.file, at, memoryview(part.numpy())) for at, part in parts]
+                if outputs[r.file].direct:
+                    stats.placed_direct_bytes += r.nbytes - sum(part.numel() for _, part in parts)
+    return written, ends
+
+
+def _write_buffered(staging, pieces) -> None:
+    """pwrite each (file, offset, memoryview) through the page cache, in batches shared by the writer threads."""
+    fds, jobs, batch, batch_bytes = {}, [], [], 0
+    try:
+        for file, offset, data in pieces:
+            if file not in fds:
+                fds[file] = os.open(staging / file, os.O_WRONLY)
+            for start in range(0, len(data), _BATCH_BYTES):  # a large piece shared by the threads
+                part = data[start:start + _BATCH_BYTES]
+                batch.append((fds[file], part, offset + start))
+                batch_bytes += len(part)
+                if batch_bytes >= _BATCH_BYTES:
+                    jobs.append(writers().submit(_write_all, batch))
+                    batch, batch_bytes = [], 0
         if batch:
             jobs.append(writers().submit(_write_all, batch))
         errors = [job.exception() for job in jobs]  # every write finished (or failed) before the files close
@@ -241,7 +280,6 @@ def _write_blocks(plan, placed, tensors, topology, staging, weight_map, offsets,
             job.exception()
         for fd in fds.values():
             os.close(fd)
-    return written
 
 
 def _write_all(batch) -> None:

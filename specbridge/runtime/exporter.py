@@ -27,11 +27,12 @@ from .tp import concat_on_dim0, tp_concat
 
 @dataclass
 class Traffic:
-    """What this process's exports moved, for the tests: bytes it sent into another rank's gather, and bytes it
-    wrote in place from its own tensors (`direct_write`)."""
+    """What this process's exports moved, for the tests: bytes it sent into another rank's gather, bytes it wrote
+    in place from its own tensors (`direct_write`), and how many of those went out direct (O_DIRECT)."""
 
     gathered_bytes: int = 0
     placed_bytes: int = 0
+    placed_direct_bytes: int = 0
 
 
 stats = Traffic()

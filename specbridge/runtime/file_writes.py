@@ -16,7 +16,9 @@ in large writes. A write elsewhere (a slice of a stack arriving out of order) en
 The bytes of a block shared with bytes not yet written (where a run starts or ends) are assembled in a block of
 their own and written once the block is whole. The file's last block is padded and the padding cut off by
 truncating the file to its size. A direct write the file system refuses part way (EINVAL) is made through the
-page cache instead.
+page cache instead. A file that several processes write (`shared`, the multi-rank export in place) gets only the
+whole blocks each process's bytes fill; the bytes of blocks shared with other writes go back to the caller, to be
+written through the page cache once no process writes the file direct any more.
 """
 
 from __future__ import annotations
@@ -86,11 +88,13 @@ class OutputFile:
     """A file of `size` bytes, each written once by `write(offset, bytes)` in any order; `with` waits for every
     write and, when the block ends without error, checks that no byte is missing and sets the file's size."""
 
-    def __init__(self, path: str | Path, size: int):
-        self.path, self.size = Path(path), size
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    def __init__(self, path: str | Path, size: int, shared: bool = False):
+        """`shared`: a file that other processes write too, created and sized by one of them; this process writes
+        its bytes with `write_blocks`."""
+        self.path, self.size, self.shared = Path(path), size, shared
+        self._fd = os.open(path, os.O_WRONLY if shared else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._direct_fd = self._open_direct()
-        if self._direct_fd is None:
+        if self._direct_fd is None and not shared:
             os.ftruncate(self._fd, size)
         self._run: tuple[mmap.mmap, int, int] | None = None  # (staging buffer, its aligned file offset, bytes in)
         self._blocks: dict[int, tuple[mmap.mmap, int]] = {}  # block offset -> (its bytes, how many arrived)
@@ -107,13 +111,16 @@ class OutputFile:
                 raise
             return None
 
+    @property
+    def direct(self) -> bool:
+        """Whether this file is written direct (False where the file system refuses O_DIRECT)."""
+        return self._direct_fd is not None
+
     def write(self, offset: int, data: torch.Tensor) -> None:
         """The bytes `data` (a flat uint8 tensor) at `offset`. Direct: copied before this returns, into the run of
         staging buffers when they continue the previous write, else into a new run whose head block is assembled.
         Buffered: written from `data` itself, kept alive until then."""
-        end = offset + data.numel()
-        if not 0 <= offset <= end <= self.size:
-            raise ValueError(f"bytes {offset}:{end} are outside '{self.path}' ({self.size} bytes)")
+        self._check(offset, data)
         if self._direct_fd is None:
             for i in range(0, data.numel(), BUFFERED_BLOCK):
                 self._submit(self._write_buffered, offset + i, data[i:i + BUFFERED_BLOCK])
@@ -127,6 +134,33 @@ class OutputFile:
                 return
             self._run = (_staging_buffers().get(), offset, 0)
         self._extend(data)
+
+    def write_blocks(self, offset: int, data: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """A shared file's bytes `data` at `offset`: the whole blocks among them written direct (staged in runs, as
+        `write` does); the bytes at either end, which share a block with bytes of other writes, are returned as
+        (offset, bytes) for the caller to write through the page cache once no process writes the file direct any
+        more (a buffered write beside direct ones makes the kernel write back and drop the pages it shares with
+        them, on every direct write: many times slower). Where there is no direct I/O, written now, buffered."""
+        self._check(offset, data)
+        end = offset + data.numel()
+        first, last = _up(offset), _down(end)
+        if self._direct_fd is None:
+            self.write(offset, data)
+            return []
+        if first >= last:
+            return [(offset, data)] if data.numel() else []
+        ends = [(offset, data[:first - offset])] if first > offset else []
+        ends += [(last, data[last - offset:])] if end > last else []
+        if self._run is None or first != self._run[1] + self._run[2]:
+            self._end_run()
+            self._run = (_staging_buffers().get(), first, 0)
+        self._extend(data[first - offset:last - offset])
+        return ends
+
+    def _check(self, offset: int, data: torch.Tensor) -> None:
+        end = offset + data.numel()
+        if not 0 <= offset <= end <= self.size:
+            raise ValueError(f"bytes {offset}:{end} are outside '{self.path}' ({self.size} bytes)")
 
     def _extend(self, data: torch.Tensor) -> None:
         """Copy `data` onto the end of the run, writing each staging buffer once it is full."""
@@ -203,7 +237,8 @@ class OutputFile:
         self.close(failed=exc_type is not None)
 
     def close(self, failed: bool = False) -> None:
-        """Wait for every write and close the file; unless `failed`, check it is whole and set its size."""
+        """Wait for every write and close the file; unless `failed`, check it is whole and set its size (a shared
+        file: that this process's writes succeeded)."""
         try:
             if not failed:
                 self._end_run()
@@ -216,7 +251,8 @@ class OutputFile:
                     raise next(e for e in errors if e is not None)
                 if self._blocks:
                     raise RuntimeError(f"'{self.path}': bytes never written in the blocks at {sorted(self._blocks)}")
-                os.ftruncate(self._fd, self.size)
+                if not self.shared:  # a shared file was sized by its creator; this process padded no block of it
+                    os.ftruncate(self._fd, self.size)
         finally:
             os.close(self._fd)
             if self._direct_fd is not None:

@@ -106,6 +106,19 @@ def single_rank(hf_dir: Path, tmp: Path):
     return conv, params, logits
 
 
+def direct_io(directory: Path) -> bool:
+    """Whether files in `directory` can be opened for direct I/O (not on every file system, e.g. tmpfs)."""
+    probe = directory / "direct-probe"
+    probe.touch()
+    try:
+        os.close(os.open(probe, os.O_WRONLY | getattr(os, "O_DIRECT", 0)))
+        return hasattr(os, "O_DIRECT")
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
 def same_but_padding(tensor: torch.Tensor, reference: torch.Tensor) -> bool:
     """Equal bit for bit, except for zero rows of vocab padding one of them has beyond the other's rows."""
     if tensor.shape == reference.shape:
@@ -150,5 +163,7 @@ def test_parallel_layout_matches_single_rank(case, checkpoints, tmp_path, parall
     for report in reports:
         ceiling = 1.2 if case in READS_WHOLE_GROUPS else 1.0
         assert 0.9 * report["local_bytes"] <= report["bytes_read"] <= ceiling * report["local_bytes"], report
-    placed, gathered = (sum(r[k] for r in reports) for k in ("placed_bytes", "gathered_bytes"))
+    placed, gathered, direct = (sum(r[k] for r in reports) for k in ("placed_bytes", "gathered_bytes",
+                                                                     "placed_direct_bytes"))
     assert placed > 0 and (gathered > 0) == (case in GATHERS), (placed, gathered)
+    assert (direct > 0) == direct_io(out), (placed, direct)  # whole blocks direct, the rest through the page cache

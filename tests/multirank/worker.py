@@ -24,13 +24,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from specbridge.api import Converter
-    from specbridge.runtime import exporter, mcore_checkpoint
+    from specbridge.runtime import direct_write, exporter, mcore_checkpoint
     from specbridge.runtime.models import sample_inputs
     from specbridge.runtime.parallel import init_parallel
     from specbridge.runtime.placement import local_tensors
     from specbridge.verify import pipeline_logits
     from tests.support import random_ids
 
+    direct_write.DIRECT_BYTES = 8192  # tiny tensors: their blocks written in place go out direct too
     topology = init_parallel(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp)
     conv = Converter.from_pretrained(args.hf_dir)
     overrides = {"num_layers_in_first_pipeline_stage": args.first_stage_layers} if args.first_stage_layers else {}
@@ -51,7 +52,8 @@ def main() -> None:
     report = {"rank": topology.rank, "bytes_read": reader.bytes_read, "local_bytes": owned,
               "local_layers": sorted({int(n.split(".")[2]) for n in local if n.startswith("decoder.layers.")}),
               "local_experts": sorted({int(n.split(".")[6]) for n in local if ".local_experts." in n}),
-              "gathered_bytes": exporter.stats.gathered_bytes, "placed_bytes": exporter.stats.placed_bytes}
+              "gathered_bytes": exporter.stats.gathered_bytes, "placed_bytes": exporter.stats.placed_bytes,
+              "placed_direct_bytes": exporter.stats.placed_direct_bytes}
     (out / f"rank{topology.rank}.json").write_text(json.dumps(report))
 
 

@@ -105,6 +105,38 @@ def test_pieces_in_any_order_give_the_file(tmp_path, monkeypatch, direct):
     assert (tmp_path / "f").read_bytes() == content.numpy().tobytes()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_shared_file_written_by_two_writers(tmp_path, monkeypatch, direct):
+    """Two writers (as two ranks) of one file, pieces interleaved at offsets no block divides: each writes only
+    the whole blocks its own bytes fill, direct, and hands back the ends, which written after (buffered) give the
+    file; without direct I/O everything is written at once."""
+    if not direct:
+        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
+    elif not file_writes._O_DIRECT:
+        pytest.skip("the platform has no O_DIRECT")
+    content = torch.randint(0, 256, (5 * 4096 + 4 * 10007 + 123,), dtype=torch.uint8)
+    cuts = [0, 77, 4096, 4096 + 10007, 4096 + 3 * 10007, 5 * 4096 + 3 * 10007, content.numel()]
+    (tmp_path / "f").write_bytes(b"")
+    os.truncate(tmp_path / "f", content.numel())  # created and sized by one of the writers
+    opened = _spy_direct(monkeypatch)
+    ends = []
+    writers = [OutputFile(tmp_path / "f", content.numel(), shared=True) for _ in range(2)]
+    for n, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        for at, part in writers[n % 2].write_blocks(a, content[a:b]):
+            assert part.numel() and (at % 4096 or (at + part.numel()) % 4096)  # an end shares a block
+            assert at // 4096 == (at + part.numel() - 1) // 4096  # within one block
+            ends.append((at, part))
+    for w in writers:
+        w.close()
+    assert (None not in opened) == direct
+    assert bool(ends) == direct
+    with open(tmp_path / "f", "r+b") as f:
+        for at, part in ends:
+            f.seek(at)
+            f.write(part.numpy().tobytes())
+    assert (tmp_path / "f").read_bytes() == content.numpy().tobytes()
+
+
 @needs_direct  # buffered writes assemble no blocks: there a gap is a hole of zeros
 def test_a_missing_piece_is_caught(tmp_path):
     with pytest.raises(RuntimeError, match="never written"):
