@@ -25,8 +25,10 @@ def markdown(results: dict) -> str:
                 "cache after one `sync`." if results["cold_cache"] else "NOT dropped (warm-cache reads).")
              + f" Load average at start / end: {results['loadavg_start'][0]:.1f} / {results['loadavg_end'][0]:.1f}.",
              "",
-             "Floor: read every tensor once (`safe_open` + `get_tensor`, copied into one reused buffer), write the "
-             "same bytes once from memory (the faster of `save_file` per shard, through the page cache, and an "
+             "Floor: read every tensor once into freshly allocated memory (one read() per tensor into its own "
+             "tensor, the tensors kept, as parameters are: their pages are first touched by the read, as an import's "
+             "are; in brackets, the same bytes read into one reused, pre-faulted buffer, without that first touch), "
+             "write the same bytes once from memory (the faster of `save_file` per shard, through the page cache, and an "
              "O_DIRECT write through one reused aligned buffer). The read floor is the smaller of two cold reads, "
              "one before and one after the conversion. Import is compared with the read floor, export with the write "
              "floor; neither side calls fsync. "
@@ -40,7 +42,7 @@ def markdown(results: dict) -> str:
         fl, cv = run["floor"], run["convert"]
         lines.append(
             f"| {run['layers']} | {fmt_gb(fl['bytes'])}, {run['checkpoint']['shards']} shards | "
-            f"{fl['read_s']:.2f} s ({fl['read_GBps']:.2f} GB/s) | {fl['write_s']:.2f} s ({fl['write_GBps']:.2f} GB/s) | "
+            f"{fl['read_s']:.2f} s ({fl['read_GBps']:.2f} GB/s; {_reused(fl)}) | {fl['write_s']:.2f} s ({fl['write_GBps']:.2f} GB/s) | "
             f"{cv['build_s']:.2f} s | {cv['import_s']:.2f} s | **{run['import_ratio']:.2f}x** | "
             f"{cv['export_s']:.2f} s | **{run['export_ratio']:.2f}x** | {fmt_gb(cv['import_peak_extra'])} | "
             f"{fmt_gb(cv['export_peak_extra'])} | {cv.get('roundtrip', 'not verified').split(':')[1].strip() if cv.get('roundtrip') else 'not verified'} |")
@@ -101,3 +103,8 @@ def markdown(results: dict) -> str:
                      f"{_verdict(max(peaks) <= 1.1 * min(peaks) + 0.05 * GB)}")
     lines.append(f"- compile cold {results['compile']['cold_s']:.3f} s: {_verdict(results['compile']['cold_s'] < 1)}")
     return "\n".join(lines) + "\n"
+
+
+def _reused(floor: dict) -> str:
+    reused = floor.get("read_reused_s")
+    return "reused buffer: not measured" if reused is None else f"reused buffer {reused:.2f} s"

@@ -100,13 +100,11 @@ def inproc(args):
 
 
 def floor(args):
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from specbridge.runtime.direct_read import read_header
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench.floor import read_fresh
     from bench.floor import write_direct as direct_floor
 
     files = sorted(f for f in os.listdir(args.hf_dir) if f.endswith(".safetensors"))
@@ -119,18 +117,8 @@ def floor(args):
                 shards.append((name, {k: handle.get_tensor(k).clone() for k in handle.keys()}))
         return shards
 
-    def read_pread():  # one read() per tensor straight into a freshly allocated tensor, one thread
-        total, kept = 0, []  # kept, as parameters are: a dropped tensor's memory would be reused, already faulted in
-        for name in files:
-            path = os.path.join(args.hf_dir, name)
-            with open(path, "rb", buffering=0) as f:
-                for key, entry in read_header(path).items():
-                    tensor = torch.empty(entry.shape, dtype=entry.dtype)
-                    kept.append(tensor)
-                    if tensor.numel():
-                        f.seek(entry.offset)
-                        total += f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-        return total, kept
+    def read_pread():  # one read() per tensor straight into a freshly allocated tensor, one thread, kept
+        return read_fresh([os.path.join(args.hf_dir, name) for name in files])
 
     nbytes, kept = phases.run("read_pread", read_pread)
     del kept
