@@ -8,7 +8,9 @@ the spec file (a caret under the exact characters), or a `Diagnostic` describing
 from __future__ import annotations
 
 import functools
+import os
 from importlib import resources
+from pathlib import Path
 
 import lark
 from lark import v_args
@@ -27,7 +29,23 @@ MAX_NUMBER_DIGITS = 40
 def parser() -> lark.Lark:
     grammar = resources.files(__package__).joinpath("grammar.lark").read_text()
     return lark.Lark(grammar, parser="lalr", start=list(START_SYMBOLS), propagate_positions=True,
-                     maybe_placeholders=False, cache=True)
+                     maybe_placeholders=False, cache=table_cache())
+
+
+def table_cache() -> str | bool:
+    """Where Lark keeps the grammar's parse tables between processes (building them takes ~0.1 s): a file in a
+    directory of this user's that no one else can write, or no cache. Lark unpickles the file, and its own default,
+    a predictable name in the shared temp directory, would run a pickle anyone could have put there."""
+    directory = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specbridge"
+    try:
+        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+        status = directory.lstat()
+    except (OSError, RuntimeError):  # RuntimeError: no home directory to be found
+        return False
+    mine = not hasattr(os, "getuid") or status.st_uid == os.getuid()
+    if not mine or status.st_mode & 0o022 or not directory.is_dir() or directory.is_symlink():
+        return False
+    return str(directory / f"lark-{lark.__version__}-tables.pickle")  # Lark checks the grammar's digest inside
 
 
 @v_args(meta=True)
