@@ -227,7 +227,7 @@ def _write_blocks(plan, placed, relative, tensors, topology, staging, weight_map
     def entries(key):
         return weight_map[key], Entry(dtypes.SAFETENSORS[shapes[key][0]], tuple(shapes[key][1]), offsets[key])
 
-    ends, written = [], 0
+    ends, written, current = [], 0, None
     with contextlib.ExitStack() as files:
         outputs = {}
         for i in sorted(placed):
@@ -249,6 +249,9 @@ def _write_blocks(plan, placed, relative, tensors, topology, staging, weight_map
                     continue
                 if r.file not in outputs:
                     outputs[r.file] = files.enter_context(OutputFile(staging / r.file, sizes[r.file], shared=True))
+                if current is not None and current != r.file:
+                    outputs[current].end_run()  # one run (one staging buffer) held at a time, not one per file
+                current = r.file
                 parts = outputs[r.file].write_blocks(r.offset, flat[r.into:r.into + r.nbytes])
                 ends += [(r.file, at, memoryview(part.numpy())) for at, part in parts]
                 if outputs[r.file].direct:

@@ -54,15 +54,23 @@ def _threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _staging_buffers() -> queue.SimpleQueue:
-    """Two page-aligned CHUNK-sized buffers per writer thread (one filling while one is written), allocated once
-    and reused (their pages stay warm)."""
+def _take_buffer() -> mmap.mmap:
+    """A page-aligned CHUNK-sized staging buffer: a free one when there is one (its pages stay warm), else a new
+    one. Never waits: a run holds its buffer until it ends, and files open at once, each with a run, would wait on
+    one another for ever. The writes in flight, which hold the rest, are bounded per file (`OutputFile`)."""
     global _buffers
     if _buffers is None:
         _buffers = queue.SimpleQueue()
-        for _ in range(2 * _threads()):
-            _buffers.put(mmap.mmap(-1, CHUNK))
-    return _buffers
+    try:
+        return _buffers.get_nowait()
+    except queue.Empty:
+        return mmap.mmap(-1, CHUNK)
+
+
+def _give_back(buffer: mmap.mmap) -> None:
+    """Keep up to two free buffers per writer thread for reuse (one filling while one is written)."""
+    if _buffers is not None and _buffers.qsize() < 2 * _threads() and len(buffer) == CHUNK:
+        _buffers.put(buffer)  # any other is dropped (unmapped once the last view of it is gone)
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -126,13 +134,13 @@ class OutputFile:
                 self._submit(self._write_buffered, offset + i, data[i:i + BUFFERED_BLOCK])
             return
         if self._run is None or offset != self._run[1] + self._run[2]:
-            self._end_run()
+            self.end_run()
             head = min(_up(offset) - offset, data.numel())  # up to the next block boundary: shared with others
             self._assemble(offset, data[:head])
             data, offset = data[head:], offset + head
             if not data.numel():
                 return
-            self._run = (_staging_buffers().get(), offset, 0)
+            self._run = (_take_buffer(), offset, 0)
         self._extend(data)
 
     def write_blocks(self, offset: int, data: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
@@ -152,8 +160,8 @@ class OutputFile:
         ends = [(offset, data[:first - offset])] if first > offset else []
         ends += [(last, data[last - offset:])] if end > last else []
         if self._run is None or first != self._run[1] + self._run[2]:
-            self._end_run()
-            self._run = (_staging_buffers().get(), first, 0)
+            self.end_run()
+            self._run = (_take_buffer(), first, 0)
         self._extend(data[first - offset:last - offset])
         return ends
 
@@ -172,11 +180,12 @@ class OutputFile:
             filled, pos = filled + count, pos + count
             if filled == CHUNK:
                 self._submit(self._write_direct, buffer, start, CHUNK, True)
-                buffer, start, filled = _staging_buffers().get(), start + CHUNK, 0
+                buffer, start, filled = _take_buffer(), start + CHUNK, 0
         self._run = (buffer, start, filled)
 
-    def _end_run(self) -> None:
-        """Write the run's whole blocks; its last, partial block is assembled with the bytes that follow it."""
+    def end_run(self) -> None:
+        """Write the run's whole blocks now (its last, partial block is assembled with the bytes that follow it),
+        giving its staging buffer back: for a caller moving on to another file. The next write starts a new run."""
         if self._run is None:
             return
         buffer, start, filled = self._run
@@ -187,7 +196,7 @@ class OutputFile:
         if whole:
             self._submit(self._write_direct, buffer, start, whole, True)
         else:
-            _staging_buffers().put(buffer)
+            _give_back(buffer)
 
     def _assemble(self, offset: int, data: torch.Tensor) -> None:
         """Bytes that share their blocks with other writes: kept (in a page-aligned block of their own) until each
@@ -225,7 +234,7 @@ class OutputFile:
                     pwrite_all(self._fd, whole[:length], offset)
         finally:
             if staging:
-                _staging_buffers().put(buffer)
+                _give_back(buffer)
 
     def _write_buffered(self, offset: int, data: torch.Tensor) -> None:
         pwrite_all(self._fd, memoryview(data.numpy()), offset)
@@ -241,9 +250,9 @@ class OutputFile:
         file: that this process's writes succeeded)."""
         try:
             if not failed:
-                self._end_run()
+                self.end_run()
             elif self._run is not None:
-                _staging_buffers().put(self._run[0])
+                _give_back(self._run[0])
                 self._run = None
             errors = [f.exception() for f in self._futures]  # every write finished (or failed) before the close
             if not failed:

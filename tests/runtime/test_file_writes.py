@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 
 import pytest
 import torch
@@ -135,6 +136,30 @@ def test_a_shared_file_written_by_two_writers(tmp_path, monkeypatch, direct):
             f.seek(at)
             f.write(part.numpy().tobytes())
     assert (tmp_path / "f").read_bytes() == content.numpy().tobytes()
+
+
+def test_more_files_open_than_free_staging_buffers(tmp_path, monkeypatch):
+    """Each open file's run holds a staging buffer until it ends: with more files open at once than buffers kept
+    for reuse (two for one writer thread), taking a buffer must not wait for one (it would wait for ever)."""
+    monkeypatch.setattr(file_writes, "_threads", lambda: 1)
+    content = torch.randint(0, 256, (3 * file_writes.ALIGN + 100,), dtype=torch.uint8)
+    done = threading.Event()
+
+    def write_all():
+        files = [OutputFile(tmp_path / f"f{i}", content.numel()) for i in range(6)]
+        for out in files:  # every file's run left open, holding its buffer
+            out.write(0, content[:2 * file_writes.ALIGN + 10])
+        for out in files:
+            out.write(2 * file_writes.ALIGN + 10, content[2 * file_writes.ALIGN + 10:])
+            out.close()
+        done.set()
+
+    worker = threading.Thread(target=write_all, daemon=True)
+    worker.start()
+    worker.join(600)  # a hang guard only
+    assert done.is_set(), "writers waited on one another for staging buffers"
+    assert all((tmp_path / f"f{i}").read_bytes() == content.numpy().tobytes() for i in range(6))
+    assert file_writes._buffers.qsize() <= 2  # what is kept for reuse stays bounded
 
 
 @needs_direct  # buffered writes assemble no blocks: there a gap is a hole of zeros
