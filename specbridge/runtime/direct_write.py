@@ -65,12 +65,12 @@ def export_placed(chunks, plan: ir.Plan, staging, topology: Topology, hf_dtype: 
     weight_map, offsets, files, total = _layout(plan, placed, shapes, max_shard_bytes)
     error = None
     try:
-        for n, (name, header, size) in enumerate(files):
+        for n, (name, _, size) in enumerate(files):
             if n % topology.world_size == topology.rank:
-                _create(staging / name, header, size)
+                _create(staging / name, size)
     except OSError as exc:
         error = ConversionError(f"cannot write '{staging}': {exc}", rank=topology.rank)
-    agree(error)  # every header is written (and every file sized) before any rank writes data
+    agree(error)  # every file is created at its size before any rank writes data
     headers = [(name, 0, memoryview(header)) for n, (name, header, _) in enumerate(files)
                if n % topology.world_size == topology.rank]
     sizes = {name: size for name, _, size in files}
@@ -185,8 +185,9 @@ def _layout(plan: ir.Plan, placed: set[int], shapes: dict, max_shard_bytes: int)
     return weight_map, offsets, laid_out, total
 
 
-def _create(path, header: bytes, size: int) -> None:
-    """The file at its size (its header is written with the shared blocks, after the direct writes)."""
+def _create(path, size: int) -> None:
+    """The file at its size (its header is written by the same rank with the shared blocks, after the direct
+    writes)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, size)

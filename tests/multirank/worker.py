@@ -45,7 +45,7 @@ def main() -> None:
     logits = pipeline_logits(chunks, inputs.ids, vocab, inputs.rows)
     if logits is not None and topology.tp_rank == 0:
         torch.save(logits, out / "logits.pt")
-    conv.export_weights(chunks, out / "hf")
+    conv.export_weights(chunks, out / "hf", max_shard_bytes=64 << 10)  # several shard files written in place
     mcore_checkpoint.save(chunks, out / "mcore", {"spec": str(conv.spec_path), "architecture": conv.plan.architecture,
                                                    "format": conv.plan.format, "hf_config": conv.hf_config.to_dict(),
                                                    "padded_vocab_size": chunks[0].vocab_size})
