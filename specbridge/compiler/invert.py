@@ -57,8 +57,8 @@ def invert_config(plan: ir.Plan, hf_config: dict, sub_config: str | None, megatr
     for entry in plan.config:
         if entry.hf_path is None or entry.section != "transformer":
             continue
-        value = getattr(megatron_config, entry.field, entry.value)
-        if isinstance(entry.value, bool | int | float | str) and not callable(value):
+        value = getattr(megatron_config, entry.field, entry.value)  # a field name (`dsl.parser.field_name`)
+        if isinstance(entry.value, bool | int | float | str) and isinstance(value, bool | int | float | str):
             _set_path(target, entry.hf_path, value)
     full["architectures"] = [plan.architecture]
     return full

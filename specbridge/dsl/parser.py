@@ -329,8 +329,9 @@ class _SpecReader:
             return ()
         out = []
         for name, (key, value) in self.mapping(entry[1], what).items():
+            field = self.field_name(key, f"a key of {what}")  # read back from megatron-core's config on export
             expr = self.parse(value, "expr", f"{what}.{name}")
-            if expr is not None:
+            if field is not None and expr is not None:
                 out.append(ast.ConfigField(name, expr, key.span))
         return tuple(out)
 

@@ -32,3 +32,14 @@ def test_a_sub_config_receives_the_entries():
     out = invert_config(plan, wrapped, "text_config", SimpleNamespace(num_layers=4))
     assert out["text_config"]["num_hidden_layers"] == 4 and "num_hidden_layers" not in out
     assert out["architectures"] == ["FeatForConditionalGeneration"]
+
+
+def test_only_scalars_are_written_back():
+    """A Megatron config value that is not a plain scalar (an object, a class, a mapping) is never written into
+    config.json: the source's value stays."""
+    spec = validate(parse_spec(FEATURES, "features.yaml"))
+    plan = compile_plan(spec, FEATURE_CONFIG)
+    for odd in (SimpleNamespace, {"secret": 1}, SimpleNamespace(x=1), [1, 2]):
+        out = invert_config(plan, copy.deepcopy(FEATURE_CONFIG), None, SimpleNamespace(num_layers=odd, theta=odd))
+        assert out["num_hidden_layers"] == FEATURE_CONFIG["num_hidden_layers"]
+        assert out["rope"] == FEATURE_CONFIG["rope"]
