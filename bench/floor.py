@@ -67,8 +67,8 @@ def worker_floor(args) -> dict:
         del data
     shutil.rmtree(dst)
     write_s = min(buffered_s, direct_s)
-    return {**read, "loadavg": os.getloadavg(), "write_s": write_s, "write_buffered_s": buffered_s, "write_direct_s": direct_s,
-            "read_GBps": nbytes / GB / read_s, "write_GBps": nbytes / GB / write_s}
+    return {**read, "loadavg": os.getloadavg(), "write_s": write_s, "write_buffered_s": buffered_s,
+            "write_direct_s": direct_s, "read_GBps": nbytes / GB / read_s, "write_GBps": nbytes / GB / write_s}
 
 
 def read_fresh(shards) -> tuple[int, list]:

@@ -28,7 +28,8 @@ def markdown(results: dict) -> str:
              "Floor: read every tensor once into freshly allocated memory (one read() per tensor into its own "
              "tensor, the tensors kept, as parameters are: their pages are first touched by the read, as an import's "
              "are; in brackets, the same bytes read into one reused, pre-faulted buffer, without that first touch), "
-             "write the same bytes once from memory (the faster of `save_file` per shard, through the page cache, and an "
+             "write the same bytes once from memory (the faster of `save_file` per shard, through the page cache, "
+             "and an "
              "O_DIRECT write through one reused aligned buffer). The read floor is the smaller of two cold reads, "
              "one before and one after the conversion. Import is compared with the read floor, export with the write "
              "floor; neither side calls fsync. "
@@ -42,7 +43,8 @@ def markdown(results: dict) -> str:
         fl, cv = run["floor"], run["convert"]
         lines.append(
             f"| {run['layers']} | {fmt_gb(fl['bytes'])}, {run['checkpoint']['shards']} shards | "
-            f"{fl['read_s']:.2f} s ({fl['read_GBps']:.2f} GB/s; {_reused(fl)}) | {fl['write_s']:.2f} s ({fl['write_GBps']:.2f} GB/s) | "
+            f"{fl['read_s']:.2f} s ({fl['read_GBps']:.2f} GB/s; {_reused(fl)}) | "
+            f"{fl['write_s']:.2f} s ({fl['write_GBps']:.2f} GB/s) | "
             f"{cv['build_s']:.2f} s | {cv['import_s']:.2f} s | **{run['import_ratio']:.2f}x** | "
             f"{cv['export_s']:.2f} s | **{run['export_ratio']:.2f}x** | {fmt_gb(cv['import_peak_extra'])} | "
             f"{fmt_gb(cv['export_peak_extra'])} | {cv.get('roundtrip', 'not verified').split(':')[1].strip() if cv.get('roundtrip') else 'not verified'} |")

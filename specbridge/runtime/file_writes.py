@@ -11,8 +11,8 @@ page cache keeps what it held.
 
 How: direct I/O wants offsets, lengths and memory aligned to the device's block. Bytes that continue the previous
 write are copied onto the end of a run of page-aligned staging buffers (CHUNK bytes each; up to two per writer
-thread kept for reuse, more made when files open at once need them), each written as soon as it is full, so a shard of many small tensors still goes out
-in large writes. A write elsewhere (a slice of a stack arriving out of order) ends the run and starts another.
+thread kept for reuse, more made when files open at once need them), each written as soon as it is full, so a
+shard of many small tensors still goes out in large writes. A write elsewhere (a slice of a stack arriving out of order) ends the run and starts another.
 The bytes of a block shared with bytes not yet written (where a run starts or ends) are assembled in a block of
 their own and written once the block is whole. The file's last block is padded and the padding cut off by
 truncating the file to its size. A direct write the file system refuses part way (EINVAL) is made through the
@@ -133,15 +133,12 @@ class OutputFile:
             for i in range(0, data.numel(), BUFFERED_BLOCK):
                 self._submit(self._write_buffered, offset + i, data[i:i + BUFFERED_BLOCK])
             return
-        if self._run is None or offset != self._run[1] + self._run[2]:
-            self.end_run()
+        if not self._continues(offset):
             head = min(_up(offset) - offset, data.numel())  # up to the next block boundary: shared with others
             self._assemble(offset, data[:head])
             data, offset = data[head:], offset + head
-            if not data.numel():
-                return
-            self._run = (_take_buffer(), offset, 0)
-        self._extend(data)
+        if data.numel():
+            self._extend(offset, data)
 
     def write_blocks(self, offset: int, data: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """A shared file's bytes `data` at `offset`: the whole blocks among them written direct (staged in runs, as
@@ -159,10 +156,7 @@ class OutputFile:
             return [(offset, data)] if data.numel() else []
         ends = [(offset, data[:first - offset])] if first > offset else []
         ends += [(last, data[last - offset:])] if end > last else []
-        if self._run is None or first != self._run[1] + self._run[2]:
-            self.end_run()
-            self._run = (_take_buffer(), first, 0)
-        self._extend(data[first - offset:last - offset])
+        self._extend(first, data[first - offset:last - offset])
         return ends
 
     def _check(self, offset: int, data: torch.Tensor) -> None:
@@ -170,8 +164,15 @@ class OutputFile:
         if not 0 <= offset <= end <= self.size:
             raise ValueError(f"bytes {offset}:{end} are outside '{self.path}' ({self.size} bytes)")
 
-    def _extend(self, data: torch.Tensor) -> None:
-        """Copy `data` onto the end of the run, writing each staging buffer once it is full."""
+    def _continues(self, offset: int) -> bool:
+        return self._run is not None and offset == self._run[1] + self._run[2]
+
+    def _extend(self, offset: int, data: torch.Tensor) -> None:
+        """Copy `data`, the bytes at `offset` (a block boundary unless they continue the run), onto the end of the
+        run, or of a new one; each staging buffer is written once it is full."""
+        if not self._continues(offset):
+            self.end_run()
+            self._run = (_take_buffer(), offset, 0)
         buffer, start, filled = self._run
         pos = 0
         while pos < data.numel():
