@@ -260,9 +260,10 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines[-2] = lines[-2].removeprefix("In process: ")
     lines.insert(-2, "**In process** (import = HF → bf16 Megatron model in memory: specbridge `from_pretrained` + `build_model` + "
-                    "`import_weights`, MB `from_hf_pretrained` + provider + `provide_distributed_model`; libraries, and the "
-                    "transformers configuration module of the workload's model type, imported before the clock on both "
-                    "sides (MB's own package import loads most of them); export = model → HF safetensors):")
+                    "`import_weights`, MB `from_hf_pretrained` + provider + `provide_distributed_model`; libraries, each tool's "
+                    "own modules, megatron-core's GPT model code and the transformers configuration module of the "
+                    "workload's model type imported before the clock on both sides, as MB's own package import loads "
+                    "them; export = model → HF safetensors):")
     lines.insert(-2, "")
     for key, s in result["summary"].items():
         lines.append(f"| {key} | {_f(s['sb_import'])} | {_f(s['mb_import'])} | {_f(s['import_vs_mb'], '×')} | "

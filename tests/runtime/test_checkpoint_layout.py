@@ -123,11 +123,22 @@ def test_export_reads_the_bare_layout_of_earlier_versions(mcore, hf, tmp_path, p
     assert compare_checkpoints(hf, tmp_path / "back").exact
 
 
+def _checkpoint_dtypes(directory) -> set[torch.dtype]:
+    metadata = mcore_checkpoint.vet(mcore_checkpoint.dist_directory(directory))
+    return {entry.properties.dtype for entry in metadata.state_dict_metadata.values() if hasattr(entry, "properties")}
+
+
 def test_bf16_checkpoint_stays_bf16(tmp_path, parallel):
+    from specbridge.api import Converter
+
     hf = tmp_path / "hf"
     tiny_model("qwen3").to(torch.bfloat16).save_pretrained(str(hf))
+    # every parameter, the norms too (megatron-core's local spec builds torch norms in fp32 whatever the dtype)
+    chunks = Converter.from_pretrained(hf).build_model(torch.bfloat16)
+    assert {p.dtype for chunk in chunks for p in chunk.parameters()} == {torch.bfloat16}
     assert main(["import", str(hf), str(tmp_path / "mcore")]) == 0
     assert mcore_checkpoint.tensor_dtype(tmp_path / "mcore") == torch.bfloat16
+    assert _checkpoint_dtypes(tmp_path / "mcore") == {torch.bfloat16}
     assert json.loads((tmp_path / "mcore" / "specbridge.json").read_text())["dtype"] == "bfloat16"
     assert main(["export", str(tmp_path / "mcore"), str(tmp_path / "back")]) == 0
     assert {t.dtype for t in load_file(str(tmp_path / "back" / "model.safetensors")).values()} == {torch.bfloat16}

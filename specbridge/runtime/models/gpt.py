@@ -5,10 +5,10 @@ dict of `GPTModel` keyword arguments (plain data, e.g. from a spec's config mapp
 `GPTModel` for this rank's place in the parallel layout (parallel state must be initialised; parallel sizes
 not given come from `parallel.transformer_fields()`; a field TransformerConfig lacks raises `UnknownConfigField`;
 `multi_latent_attention: true` selects megatron-core's `MLATransformerConfig` and its MLA attention). It
-uses megatron-core's *local* layer spec (torch norms, no TransformerEngine/apex), SequentialMLP
-experts, fp32 parameters unless `params_dtype` says otherwise, and CPU initialisation. `cpu_compat.apply()` is
-run first (its CPU patches only without a GPU), and without a GPU every fusion flag that needs CUDA kernels is
-forced off.
+uses megatron-core's *local* layer spec (torch norms, no TransformerEngine/apex), SequentialMLP experts, every
+parameter in `params_dtype` (fp32 unless given; the norms too, see `_in_params_dtype`), and CPU initialisation.
+`cpu_compat.apply()` is run first (its CPU patches only without a GPU), and without a GPU every fusion flag that
+needs CUDA kernels is forced off.
 """
 
 from __future__ import annotations
@@ -196,4 +196,14 @@ def build_gpt(
         vp_stage=vp_stage,
         **model,
     )
+    _in_params_dtype(gpt, config.params_dtype)
     return gpt.eval()
+
+
+def _in_params_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters that are not in `dtype`: the local spec's torch norms, which
+    megatron-core builds without a dtype (fp32). TransformerEngine's norms take `params_dtype`, and Megatron
+    training's Float16Module casts a bf16/fp16 model whole, so this is the model Megatron trains."""
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
