@@ -189,7 +189,7 @@ def summarize(result: dict) -> dict:
         s = summary.setdefault(key, {k: [] for k in (
             "sb_import", "mb_import", "sb_export", "mb_export", "sb_stream_GBps", "mb_stream_GBps",
             "import_vs_mb", "export_vs_mb", "stream_vs_mb", "floor_read", "floor_write", "import_vs_floor",
-            "export_vs_floor", "sb_e2e_import", "mb_e2e_import", "sb_e2e_export", "mb_e2e_export",
+            "export_vs_floor", "sb_whole_import_vs_floor", "mb_import_vs_floor", "mb_export_vs_floor", "sb_e2e_import", "mb_e2e_import", "sb_e2e_export", "mb_e2e_export",
             "e2e_import_vs_mb", "e2e_export_vs_mb", "sb_peak_rss_gb", "rss_bound_gb", "load1", "exact",
             "sb_mcore_gb", "mb_mcore_gb")})
         runs = entry["runs"]
@@ -216,6 +216,10 @@ def summarize(result: dict) -> dict:
         weights = _phase(sbr, "import")  # the floor is the reading alone
         s["import_vs_floor"].append(weights / fr if weights and fr else None)
         s["export_vs_floor"].append(se / fw if se and fw else None)
+        # both tools' whole import (plan and model build included) and export against the same floor
+        s["sb_whole_import_vs_floor"].append(si / fr if si and fr else None)
+        s["mb_import_vs_floor"].append(mi / fr if mi and fr else None)
+        s["mb_export_vs_floor"].append(me / fw if me and fw else None)
         if sbr and sbr.get("report"):
             rep = sbr["report"]
             # resident memory the import adds (file-backed pages included) against parameters + largest tensor
@@ -271,6 +275,15 @@ def markdown(result: dict) -> str:
                      f"{_f(s['export_vs_mb'], '×')} | {_f(s['export_vs_floor'], '×')} | "
                      f"{_f(s['sb_peak_rss_gb'], ' GB')} ({_f(s['rss_bound_gb'], ' GB')}) | "
                      f"{s['exact']['bit_exact']}/{s['exact']['of']} |")
+    floored = {key: s for key, s in result["summary"].items() if s["mb_import_vs_floor"]}
+    if floored:
+        lines += ["", "**Both tools against the floor** (single process; whole import and export as in the table "
+                  "above, over the same round's floor; a ratio of 2× to MB needs specbridge at half MB's figure):", "",
+                  "| workload | sb import / floor | MB import / floor | sb export / floor | MB export / floor |",
+                  "|---|---|---|---|---|"]
+        for key, s in floored.items():
+            lines.append(f"| {key} | {_f(s['sb_whole_import_vs_floor'], '×')} | {_f(s['mb_import_vs_floor'], '×')} | "
+                         f"{_f(s['export_vs_floor'], '×')} | {_f(s['mb_export_vs_floor'], '×')} |")
     lines += ["", "**End to end** (whole processes, start-up included: `specbridge import HF DIR` / `specbridge export "
               "DIR HF` against Megatron-Bridge's `import_ckpt` body / `export_ckpt`):", "",
               "| workload | sb import | MB import | × | sb export | MB export | × | Megatron checkpoint sb / MB |",

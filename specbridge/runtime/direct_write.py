@@ -34,7 +34,7 @@ import torch
 from ..compiler import ir
 from ..compiler.layouts import LayoutError
 from ..errors import ConversionError
-from . import dtypes
+from . import collector, dtypes
 from .collectives import agree, gather_objects
 from .direct_read import Entry, Read, coalesce, placeable, plan_reads
 from .exporter import group_key, stats
@@ -51,6 +51,7 @@ _BATCH_BYTES = 32 << 20
 _PLACING = (ir.Split, ir.SplitSource, ir.CheckAbsent)  # the export ops that only cut a tensor into parts
 
 
+@collector.paused()
 def export_placed(chunks, plan: ir.Plan, staging, topology: Topology, hf_dtype: torch.dtype | None,
                   max_shard_bytes: int, check_absent: bool = True, progress=None):
     """Write every placeable mapping's HF tensors into `staging` from the ranks that hold them. Returns (the plan

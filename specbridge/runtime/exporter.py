@@ -17,7 +17,7 @@ import torch
 
 from ..compiler import ir
 from ..errors import ConversionError
-from . import parallel
+from . import collector, parallel
 from .collectives import agree
 from .ops import cast, run_export
 from .parallel import Topology
@@ -102,11 +102,12 @@ def export_weights(chunks, plan: ir.Plan, sink, topology: Topology = Topology(),
     tensor)` (a `CheckpointWriter`). Errors are agreed on by all ranks at the end (no rank is left waiting in a
     gather). Returns the number of HF tensors this rank completed."""
     steps = export_steps(chunks, plan, sink, topology, hf_dtype, check_absent, progress)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    with collector.paused():
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
 
 def export_steps(chunks, plan: ir.Plan, sink, topology: Topology = Topology(), hf_dtype: torch.dtype | None = None,

@@ -10,9 +10,7 @@ ranks, so every rank ends with the same error naming key, rule and rank.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 
 import torch
 
@@ -20,7 +18,7 @@ from ..compiler import ir
 from ..compiler.layouts import LayoutError, dim_of_axis, part_rows, split_shapes
 from ..compiler.ops import row as op_row
 from ..errors import ConversionError
-from . import tp
+from . import collector, tp
 from .collectives import agree
 from .direct_read import DirectReader
 from .naming import TIED_OUTPUT
@@ -103,7 +101,7 @@ def import_weights(chunks, plan: ir.Plan, reader, topology: Topology = Topology(
         error = exc
     agree(error)
     try:
-        with torch.no_grad(), _collector_paused(), DirectReader(reader) as direct:
+        with torch.no_grad(), collector.paused(), DirectReader(reader) as direct:
             for name, mapping in work.items():
                 _fill_one(targets[name], mapping, reader, direct, topology)
                 if progress is not None:
@@ -112,20 +110,6 @@ def import_weights(chunks, plan: ir.Plan, reader, topology: Topology = Topology(
         error = exc.located(rank=topology.rank)
     agree(error)
     return len(work)
-
-
-@contextlib.contextmanager
-def _collector_paused():
-    """The fill allocates many small objects and frees them at once (no cycles): left on, Python's collector
-    runs full collections over the whole process (models, plans) in the middle of it (0.15 s of a 0.6 s import
-    of a 32-expert checkpoint)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _fill_one(target: torch.Tensor, mapping: ir.Mapping, reader, direct: DirectReader, topology: Topology) -> None:

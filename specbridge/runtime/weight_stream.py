@@ -18,7 +18,7 @@ import torch
 
 from ..compiler import ir
 from ..errors import ConversionError, UsageError
-from . import exporter
+from . import collector, exporter
 from .parallel import Topology
 
 Bucket = list[tuple[str, torch.Tensor]]
@@ -85,6 +85,14 @@ def iter_hf_weights(chunks, plan: ir.Plan, topology: Topology, bucket_bytes: int
 
 
 def _drain(steps, sink: BucketSink) -> Iterator[Bucket]:
-    for _ in steps:
-        yield from sink.take()
-    yield from sink.take(final=True)
+    """The sink's buckets after each export step; the collector is paused while a step runs, not while the
+    caller has the buckets."""
+    done = False
+    while not done:
+        with collector.paused():
+            done = next(steps, _END) is _END
+            ready = sink.take(final=done)
+        yield from ready
+
+
+_END = object()

@@ -71,6 +71,34 @@ def test_one_bucket_when_the_bound_is_large(tmp_path, parallel):
     assert_stream_is_export(buckets, tmp_path / "exported", 1 << 40)
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_collector_is_paused_in_the_export_not_in_the_caller(enabled, tmp_path, parallel):
+    """Python's collector is off while an export step converts tensors (its full collections over the caller's
+    whole process cost 3x a stream's time) and as the caller had it while the caller holds a bucket."""
+    import gc
+
+    from specbridge.runtime import exporter
+
+    hf_dir = save_tiny("llama", tmp_path / "hf")
+    conv, chunks = _imported(hf_dir)
+    inside, original = [], exporter._emit
+
+    def emit(*args, **kwargs):
+        inside.append(gc.isenabled())
+        return original(*args, **kwargs)
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(exporter, "_emit", emit)
+            between = [gc.isenabled() for _ in conv.iter_hf_weights(chunks, bucket_bytes=20_000)]
+            conv.export_weights(chunks, tmp_path / "exported")
+        assert len(between) > 3 and set(between) == {enabled} and gc.isenabled() is enabled
+        assert inside and set(inside) == {False}
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("bound", [0, -5])
 def test_bound_must_be_positive(bound, tmp_path, parallel):
     hf_dir = save_tiny("llama", tmp_path / "hf")
