@@ -189,7 +189,8 @@ def summarize(result: dict) -> dict:
         s = summary.setdefault(key, {k: [] for k in (
             "sb_import", "mb_import", "sb_export", "mb_export", "sb_stream_GBps", "mb_stream_GBps",
             "import_vs_mb", "export_vs_mb", "stream_vs_mb", "floor_read", "floor_write", "import_vs_floor",
-            "export_vs_floor", "sb_whole_import_vs_floor", "mb_import_vs_floor", "mb_export_vs_floor", "sb_e2e_import", "mb_e2e_import", "sb_e2e_export", "mb_e2e_export",
+            "export_vs_floor", "sb_whole_import_vs_floor", "mb_import_vs_floor", "mb_export_vs_floor",
+            "sb_e2e_import", "mb_e2e_import", "sb_e2e_export", "mb_e2e_export",
             "e2e_import_vs_mb", "e2e_export_vs_mb", "sb_peak_rss_gb", "rss_bound_gb", "load1", "exact",
             "sb_mcore_gb", "mb_mcore_gb")})
         runs = entry["runs"]
@@ -263,9 +264,9 @@ def markdown(result: dict) -> str:
              "export × | export / floor | sb import RSS growth (bound) | bit-exact |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines[-2] = lines[-2].removeprefix("In process: ")
-    lines.insert(-2, "**In process** (import = HF → bf16 Megatron model in memory: specbridge `from_pretrained` + `build_model` + "
-                    "`import_weights`, MB `from_hf_pretrained` + provider + `provide_distributed_model`; libraries, each tool's "
-                    "own modules, megatron-core's GPT model code and the transformers configuration module of the "
+    lines.insert(-2, "**In process** (import = HF → bf16 Megatron model in memory: specbridge `from_pretrained` + "
+                    "`build_model` + `import_weights`, MB `from_hf_pretrained` + provider + "
+                    "`provide_distributed_model`; libraries, each tool's own modules, megatron-core's GPT model code and the transformers configuration module of the "
                     "workload's model type imported before the clock on both sides, as MB's own package import loads "
                     "them; export = model → HF safetensors):")
     lines.insert(-2, "")

@@ -12,7 +12,8 @@ page cache keeps what it held.
 How: direct I/O wants offsets, lengths and memory aligned to the device's block. Bytes that continue the previous
 write are copied onto the end of a run of page-aligned staging buffers (CHUNK bytes each; up to two per writer
 thread kept for reuse, more made when files open at once need them), each written as soon as it is full, so a
-shard of many small tensors still goes out in large writes. A write elsewhere (a slice of a stack arriving out of order) ends the run and starts another.
+shard of many small tensors still goes out in large writes. A write elsewhere (a slice of a stack arriving out of
+order) ends the run and starts another.
 The bytes of a block shared with bytes not yet written (where a run starts or ends) are assembled in a block of
 their own and written once the block is whole. The file's last block is padded and the padding cut off by
 truncating the file to its size. A direct write the file system refuses part way (EINVAL) is made through the
