@@ -20,15 +20,21 @@ truncating the file to its size. A direct write the file system refuses part way
 page cache instead. A file that several processes write (`shared`, the multi-rank export in place) gets only the
 whole blocks each process's bytes fill; the bytes of blocks shared with other writes go back to the caller, to be
 written through the page cache once no process writes the file direct any more.
+
+`AppendedFile` is the same for a writer that only appends and knows no size ahead (`torch.save`, the item writer
+of `torch.distributed.checkpoint` under megatron-core's checkpoint save): a file-like object whose bytes are one
+run of staging buffers, the file sized when it closes.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import mmap
 import os
 import queue
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,13 +47,19 @@ BUFFERED_BLOCK = 32 << 20  # one buffered write, so that the threads share a lar
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: every write is buffered
 _pool: ThreadPoolExecutor | None = None
 _buffers: queue.SimpleQueue | None = None
+_lock = threading.Lock()  # files may be written from several threads (one per checkpoint file)
+
+# `AppendedFile` reads (only) the read-only buffers its writers hand it through a tensor view
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=__name__)
 
 
 def writers() -> ThreadPoolExecutor:
     """The threads that write blocks of files in parallel (copies and writes release the GIL)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(_threads(), thread_name_prefix="specbridge-write")
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_threads(), thread_name_prefix="specbridge-write")
     return _pool
 
 
@@ -60,8 +72,9 @@ def _take_buffer() -> mmap.mmap:
     one. Never waits: a run holds its buffer until it ends, and files open at once, each with a run, would wait on
     one another for ever. The writes in flight, which hold the rest, are bounded per file (`OutputFile`)."""
     global _buffers
-    if _buffers is None:
-        _buffers = queue.SimpleQueue()
+    with _lock:
+        if _buffers is None:
+            _buffers = queue.SimpleQueue()
     try:
         return _buffers.get_nowait()
     except queue.Empty:
@@ -97,13 +110,14 @@ class OutputFile:
     """A file of `size` bytes, each written once by `write(offset, bytes)` in any order; `with` waits for every
     write and, when the block ends without error, checks that no byte is missing and sets the file's size."""
 
-    def __init__(self, path: str | Path, size: int, shared: bool = False):
-        """`shared`: a file that other processes write too, created and sized by one of them; this process writes
+    def __init__(self, path: str | Path, size: int | None, shared: bool = False):
+        """`size` None: a file written front to back whose size is set before it closes (`AppendedFile`).
+        `shared`: a file that other processes write too, created and sized by one of them; this process writes
         its bytes with `write_blocks`."""
         self.path, self.size, self.shared = Path(path), size, shared
         self._fd = os.open(path, os.O_WRONLY if shared else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._direct_fd = self._open_direct()
-        if self._direct_fd is None and not shared:
+        if self._direct_fd is None and not shared and size is not None:
             os.ftruncate(self._fd, size)
         self._run: tuple[mmap.mmap, int, int] | None = None  # (staging buffer, its aligned file offset, bytes in)
         self._blocks: dict[int, tuple[mmap.mmap, int]] = {}  # block offset -> (its bytes, how many arrived)
@@ -162,7 +176,7 @@ class OutputFile:
 
     def _check(self, offset: int, data: torch.Tensor) -> None:
         end = offset + data.numel()
-        if not 0 <= offset <= end <= self.size:
+        if not 0 <= offset <= end <= (end if self.size is None else self.size):
             raise ValueError(f"bytes {offset}:{end} are outside '{self.path}' ({self.size} bytes)")
 
     def _continues(self, offset: int) -> bool:
@@ -268,3 +282,54 @@ class OutputFile:
             os.close(self._fd)
             if self._direct_fd is not None:
                 os.close(self._direct_fd)
+
+
+class AppendedFile(io.RawIOBase):
+    """A binary file written front to back (`write` appends, `tell` is the size so far), direct through one run of
+    `OutputFile` staging buffers: every write is copied before it returns, so a writer may hand a buffer it reuses
+    or frees next (torch.save does). Where the file system has no direct I/O, a plain buffered file."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        self._out: OutputFile | None = OutputFile(path, None)
+        self._plain = None
+        if not self._out.direct:
+            self._out.close(failed=True)
+            self._out, self._plain = None, open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._at = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self._plain is not None:
+            self._plain.write(view)
+        elif len(view):
+            self._out.write(self._at, torch.frombuffer(view, dtype=torch.uint8))
+        self._at += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        """Nothing to do: staging buffers are written as they fill, the last when the file closes."""
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._close(failed=exc_type is not None)
+
+    def close(self) -> None:
+        self._close(failed=False)
+
+    def _close(self, failed: bool) -> None:
+        if self.closed:
+            return
+        try:
+            if self._plain is not None:
+                self._plain.close()
+            else:
+                self._out.size = self._at
+                self._out.close(failed=failed)
+        finally:
+            super().close()

@@ -4,6 +4,7 @@ dtype and HF files kept, and `export` back to exactly the source (tensors, confi
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 
 import pytest
@@ -121,6 +122,39 @@ def test_export_reads_the_bare_layout_of_earlier_versions(mcore, hf, tmp_path, p
     (bare / "specbridge.json").write_text(json.dumps(old))
     assert main(["export", str(bare), str(tmp_path / "back")]) == 0
     assert compare_checkpoints(hf, tmp_path / "back").exact
+
+
+def test_checkpoint_files_hold_megatron_cores_own_bytes(hf, tmp_path, monkeypatch, parallel):
+    """Each file is written direct (`file_writes.AppendedFile`), and is byte for byte what megatron-core's own
+    per-file writer makes of the same bucket."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from specbridge.runtime import file_writes
+
+    direct, real = [], file_writes.AppendedFile.__init__
+
+    def spy(self, path):
+        real(self, path)
+        direct.append(self._out is not None)
+
+    monkeypatch.setattr(file_writes.AppendedFile, "__init__", spy)
+    assert main(["import", str(hf), str(tmp_path / "ours")]) == 0
+    with file_writes.OutputFile(tmp_path / "probe", 0) as probe:  # direct where this file system can
+        assert direct and all(direct) == probe.direct
+
+    def megatron_cores(transforms, bucket):
+        results, count = queue.Queue(), queue.Queue()
+        count.put(0)
+        FileSystemWriterAsync.write_preloaded_data(transforms, 0, bucket, results, count, use_fsync=False)
+        return results.get()[1]
+
+    monkeypatch.setattr(mcore_checkpoint, "_write_bucket", megatron_cores)
+    assert main(["import", str(hf), str(tmp_path / "theirs")]) == 0
+    files = sorted(p.name for p in (tmp_path / "ours" / "release").glob("*.distcp"))
+    assert files and files == sorted(p.name for p in (tmp_path / "theirs" / "release").glob("*.distcp"))
+    for name in files:
+        assert (tmp_path / "ours" / "release" / name).read_bytes() == \
+            (tmp_path / "theirs" / "release" / name).read_bytes(), name
 
 
 def _checkpoint_dtypes(directory) -> set[torch.dtype]:

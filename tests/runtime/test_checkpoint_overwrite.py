@@ -81,13 +81,13 @@ def test_foreign_staging_of_a_running_process_is_left(tmp_path):
 
 BLOCKING_RUN = """
 import sys, time
-from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from specbridge.runtime import mcore_checkpoint
 
 def blocked(*args, **kwargs):  # runs on a writer thread of the import
     open(sys.argv[1], "w").close()
     time.sleep(3600)
 
-FileSystemWriterAsync.write_preloaded_data = staticmethod(blocked)
+mcore_checkpoint._write_bucket = blocked
 from specbridge.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -1,10 +1,12 @@
 """Files written from memory (`file_writes.OutputFile`): direct (O_DIRECT through aligned staging buffers, the
 unaligned ends of the pieces assembled in blocks, the last block padded and cut off) or, where the file system
-refuses direct I/O, through the page cache; the bytes are the same either way and in any order of arrival."""
+refuses direct I/O, through the page cache; the bytes are the same either way and in any order of arrival. And
+files written front to back by a writer that knows no size ahead (`file_writes.AppendedFile`, torch.save)."""
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import random
 import threading
@@ -215,6 +217,38 @@ def test_direct_write_refused_part_way_is_made_buffered(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("direct", [True, False])
+def test_an_appended_file_holds_what_torch_save_writes(tmp_path, monkeypatch, direct):
+    if not direct:
+        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
+    elif not file_writes._O_DIRECT:
+        pytest.skip("the platform has no O_DIRECT")
+    opened, tensors, expected = _spy_direct(monkeypatch), _tensors(), io.BytesIO()
+    torch.save(tensors, expected)
+    with file_writes.AppendedFile(tmp_path / "t.pt") as stream:
+        torch.save(tensors, stream)
+        assert stream.tell() == len(expected.getvalue())
+    assert (tmp_path / "t.pt").read_bytes() == expected.getvalue() and len(expected.getvalue()) % file_writes.ALIGN
+    assert (opened and None not in opened) == direct
+    loaded = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], t) for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_an_appended_file_copies_each_write_before_it_returns(tmp_path, monkeypatch, direct):
+    """torch.save hands buffers it frees or reuses once `write` returns."""
+    if not direct:
+        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
+    buffer, expected = bytearray(3001), b""
+    with file_writes.AppendedFile(tmp_path / "f") as stream:
+        for i in range(9):  # 27 009 bytes: across chunks, ending inside a block
+            buffer[:] = bytes([i]) * len(buffer)
+            assert stream.write(buffer) == len(buffer)
+            expected += bytes(buffer)
+        stream.write(b"")
+    assert (tmp_path / "f").read_bytes() == expected
+
+
+@pytest.mark.parametrize("direct", [True, False])
 def test_a_full_disk_is_not_retried(tmp_path, monkeypatch, direct):
     if not direct:
         monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
@@ -226,3 +260,7 @@ def test_a_full_disk_is_not_retried(tmp_path, monkeypatch, direct):
     with pytest.raises(OSError) as info:
         write_safetensors(tmp_path / "m.safetensors", _tensors(), {"format": "pt"})
     assert info.value.errno == errno.ENOSPC
+    if direct and file_writes._O_DIRECT:
+        with pytest.raises(OSError) as info, file_writes.AppendedFile(tmp_path / "t.pt") as stream:
+            torch.save(_tensors(), stream)
+        assert info.value.errno == errno.ENOSPC
