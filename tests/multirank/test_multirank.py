@@ -142,7 +142,10 @@ def test_parallel_layout_matches_single_rank(case, checkpoints, tmp_path, parall
         assert result.stderr.count("5 layers do not split evenly over --pp 2; the pipeline stages hold 3, 2") == 1
 
     multi_logits = torch.load(out / "logits.pt")
-    assert (multi_logits - logits).abs().max().item() <= 1e-5
+    # fp32 sums in another order on every split: an error of the hidden states' size, not of each logit's (Gemma 4
+    # E2B, the deepest stack here: 1.3e-5 on a logit of 0.04 where the largest is 2.0, on an AVX-512 machine)
+    scale = max(1.0, logits.abs().max().item())
+    assert (multi_logits - logits).abs().max().item() <= 1e-5 * scale
     assert torch.equal(multi_logits.argmax(-1), logits.argmax(-1))
 
     assert compare_checkpoints(tmp_path / "single", out / "hf").exact
