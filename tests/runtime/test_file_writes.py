@@ -54,6 +54,14 @@ def _spy_direct(monkeypatch) -> list[int]:
     return opened
 
 
+def _writes(monkeypatch, direct: bool) -> None:
+    """Direct writes (skipped where the platform has none), or those of a platform without O_DIRECT."""
+    if not direct:
+        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
+    elif not file_writes._O_DIRECT:
+        pytest.skip("the platform has no O_DIRECT")
+
+
 def _same(path, tensors) -> bool:
     loaded = load_file(path)
     return loaded.keys() == tensors.keys() and all(
@@ -94,10 +102,7 @@ def test_small_tensors_go_out_in_large_writes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_pieces_in_any_order_give_the_file(tmp_path, monkeypatch, direct):
-    if not direct:
-        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
-    elif not file_writes._O_DIRECT:
-        pytest.skip("the platform has no O_DIRECT")
+    _writes(monkeypatch, direct)
     rng = random.Random(3)
     content = torch.randint(0, 256, (100 + 37 * 1234,), dtype=torch.uint8)
     pieces = [(0, 100)] + [(100 + i * 1234, 1234) for i in range(37)]  # a header, then 37 slices of a stack
@@ -113,10 +118,7 @@ def test_a_shared_file_written_by_two_writers(tmp_path, monkeypatch, direct):
     """Two writers (as two ranks) of one file, pieces interleaved at offsets no block divides: each writes only
     the whole blocks its own bytes fill, direct, and hands back the ends, which written after (buffered) give the
     file; without direct I/O everything is written at once."""
-    if not direct:
-        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
-    elif not file_writes._O_DIRECT:
-        pytest.skip("the platform has no O_DIRECT")
+    _writes(monkeypatch, direct)
     content = torch.randint(0, 256, (5 * 4096 + 4 * 10007 + 123,), dtype=torch.uint8)
     cuts = [0, 77, 4096, 4096 + 10007, 4096 + 3 * 10007, 5 * 4096 + 3 * 10007, content.numel()]
     (tmp_path / "f").write_bytes(b"")
@@ -218,10 +220,7 @@ def test_direct_write_refused_part_way_is_made_buffered(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("direct", [True, False])
 def test_an_appended_file_holds_what_torch_save_writes(tmp_path, monkeypatch, direct):
-    if not direct:
-        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
-    elif not file_writes._O_DIRECT:
-        pytest.skip("the platform has no O_DIRECT")
+    _writes(monkeypatch, direct)
     opened, tensors, expected = _spy_direct(monkeypatch), _tensors(), io.BytesIO()
     torch.save(tensors, expected)
     with file_writes.AppendedFile(tmp_path / "t.pt") as stream:
@@ -236,8 +235,7 @@ def test_an_appended_file_holds_what_torch_save_writes(tmp_path, monkeypatch, di
 @pytest.mark.parametrize("direct", [True, False])
 def test_an_appended_file_copies_each_write_before_it_returns(tmp_path, monkeypatch, direct):
     """torch.save hands buffers it frees or reuses once `write` returns."""
-    if not direct:
-        monkeypatch.setattr(file_writes, "_O_DIRECT", 0)
+    _writes(monkeypatch, direct)
     buffer, expected = bytearray(3001), b""
     with file_writes.AppendedFile(tmp_path / "f") as stream:
         for i in range(9):  # 27 009 bytes: across chunks, ending inside a block
