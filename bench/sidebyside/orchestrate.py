@@ -63,6 +63,19 @@ def ensure_workload(name: str, root: Path, maker: str) -> Path:
     return directory
 
 
+def evict(directory: Path) -> None:
+    """Drop the page-cache pages of every file under `directory` (clean ones: call after a sync). The export then
+    reads the Megatron checkpoint from the device whichever way its tool wrote it (specbridge direct, past the page
+    cache; Megatron-Bridge through it), as it would a checkpoint that training wrote long before."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def exact(source: Path, exported: Path) -> bool | None:
     from specbridge.verify import compare_checkpoints
 
@@ -109,6 +122,7 @@ def one_round(name: str, hf_dir: Path, tp: int, mb_python: str | None, scratch: 
         out[f"{tool}_e2e_import"] = timed(imp, timeout)
         out[f"{tool}_e2e_import"]["mcore_bytes"] = sum(f.stat().st_size for f in mcore.rglob("*") if f.is_file())
         os.sync()
+        evict(mcore)
         out[f"{tool}_e2e_export"] = timed(exp, timeout)
         out[f"{tool}_e2e_export"]["exact"] = exact(hf_dir, hf)
         for d in (mcore, hf):
@@ -286,7 +300,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {key} | {_f(s['sb_whole_import_vs_floor'], '×')} | {_f(s['mb_import_vs_floor'], '×')} | "
                          f"{_f(s['export_vs_floor'], '×')} | {_f(s['mb_export_vs_floor'], '×')} |")
     lines += ["", "**End to end** (whole processes, start-up included: `specbridge import HF DIR` / `specbridge export "
-              "DIR HF` against Megatron-Bridge's `import_ckpt` body / `export_ckpt`):", "",
+              "DIR HF` against Megatron-Bridge's `import_ckpt` body / `export_ckpt`; each export reads its tool's "
+              "Megatron checkpoint from the device, its pages dropped from the page cache after a sync):", "",
               "| workload | sb import | MB import | × | sb export | MB export | × | Megatron checkpoint sb / MB |",
               "|---|---|---|---|---|---|---|---|"]
     for key, s in result["summary"].items():

@@ -75,6 +75,9 @@ def inproc(args):
     import megatron.core.models.gpt.gpt_model  # noqa: F401
 
     import specbridge.compiler  # noqa: F401
+    import specbridge.compiler.lower  # noqa: F401
+    import specbridge.compiler.validate  # noqa: F401
+    import specbridge.dsl.parser  # noqa: F401  (and Lark)
 
     imports_s = time.time() - T_START
     phases = Phases(dist.barrier if dist.get_world_size() > 1 else lambda: None)
