@@ -258,7 +258,7 @@ def _write_buckets(transforms, _rank, buckets, results) -> None:
 
     with ThreadPoolExecutor(len(buckets)) as pool:
         jobs = [pool.submit(_write_bucket, transforms, bucket) for bucket in buckets]
-    failures = [job.exception() for job in jobs if job.exception() is not None]
+    failures = [error for error in (job.exception() for job in jobs) if error is not None]
     results.put(failures[0] if failures else {index: job.result() for index, job in enumerate(jobs)})
 
 
