@@ -66,7 +66,7 @@ def inproc(args):
 
     init_parallel(tp=args.tp)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from workloads import import_config_class
+    from workloads import STREAM_AGAIN, import_config_class
 
     import_config_class(args.hf_dir)  # a library import, before the clock on both sides
     # the package's own modules and megatron-core's GPT model code, loaded before the clock as Megatron-Bridge's
@@ -93,11 +93,17 @@ def inproc(args):
         return sum(t.numel() * t.element_size() for bucket in conv.iter_hf_weights(chunks, args.bucket_bytes)
                    for _, t in bucket)
 
+    # a weight sync runs every training step: the first pass, then the steady state of the passes after it
     stream_bytes = phases.run("stream", stream)
+    again = []
+    for _ in range(STREAM_AGAIN):
+        phases.run("stream_again", stream)
+        again.append(phases.res["stream_again"]["s"])
     phases.close()
     sizes = [t.numel() * t.element_size() for t in params.values()]
     report = {"imports_s": imports_s, "phases": phases.res, "bytes_read": reader.bytes_read,
               "param_bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "stream_bytes": stream_bytes,
+              "stream_again_s": again,
               "param_dtypes": sorted({str(t.dtype) for t in params.values()})}
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, report) if dist.get_world_size() > 1 else reports.__setitem__(0, report)

@@ -12,6 +12,7 @@ import time
 import torch
 
 WORKLOADS = ("w1_llama", "w2_qwen3moe", "w3_gemma4")
+STREAM_AGAIN = 2  # weight-sync passes after the first (a sync runs every training step), timed on both sides
 
 
 def model_for(name: str):
