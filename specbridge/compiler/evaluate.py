@@ -177,6 +177,24 @@ def is_data(value) -> bool:
     return isinstance(value, list | tuple | AbcMapping | Sequence) or is_hf_config(value)
 
 
+def _class_attribute(cls: type, name: str):
+    """`name` as the class (or a base) defines it, looked up without running a descriptor; `MISSING` if none."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return vars(klass)[name]
+    return MISSING
+
+
+def _is_hf_field(config, name: str) -> bool:
+    """A field of an HF config: set on the instance, an `attribute_map` alias, or a property of its class (the
+    computed fields, e.g. `per_layer_config`); class attributes (`model_type`, `sub_configs`, the parallel plans)
+    and methods are not."""
+    aliases = _class_attribute(type(config), "attribute_map")
+    if name in vars(config) or (isinstance(aliases, dict) and name in aliases):
+        return True
+    return type(_class_attribute(type(config), name)) is property  # not a classproperty (sub_configs)
+
+
 def config_value(owner, name: str):
     """Field `name` of a config, or `MISSING` when it has none: the one way expressions (and emitted bridges)
     read Python objects. `owner` is an HF `PretrainedConfig` (attribute aliases such as `attribute_map` apply)
@@ -189,6 +207,10 @@ def config_value(owner, name: str):
     elif isinstance(owner, ConfigView):
         value = owner.field(name)
     elif is_hf_config(owner):
+        if not _is_hf_field(owner, name):
+            if _class_attribute(type(owner), name) is MISSING:
+                return MISSING
+            raise EvalError(UNKNOWN_SPAN, f"'{name}' is not a config field of {type(owner).__name__}")
         try:
             value = getattr(owner, name, MISSING)
         except Exception as exc:  # a property of the user's config refused (e.g. an ambiguous per-layer field)

@@ -94,7 +94,8 @@ def test_config_fields_aliases_sub_configs_and_per_layer_entries():
 
 @pytest.mark.parametrize("text, message", [
     ("to_dict", "'to_dict' is not a config field of Qwen3MoeConfig"),          # a method
-    ("sub_configs.text_config", "'text_config' is not a config field of dict"),  # a class, via a class attribute
+    ("sub_configs.text_config", "'sub_configs' is not a config field of Gemma4Config"),  # a class attribute
+    ("model_type", "'model_type' is not a config field of Qwen3MoeConfig"),  # a class attribute
     ("hidden_size.real", "'real' cannot be read from an int"),
     ("rope_parameters.rope_theta.real", "'real' cannot be read from a float"),
     ("mlp_only_layers.count", "'count' cannot be read from a list"),
